@@ -1,0 +1,167 @@
+//! Stage 1 of the flow, and the thread through the rest: one delivery goes
+//! decode → apply → reply → ack, inside one tracing span.
+//!
+//! Content problems are answered (`rejected` / `invalid_message`) and acked: a
+//! requeue would only bring the same bytes back. Failures that are not the
+//! content's fault (a permanent database error, a panic) hand the delivery back
+//! to the queue, whose delivery limit dead-letters it if it keeps failing.
+
+use crate::apply::apply;
+use crate::decode::{RequestProps, decode};
+use crate::metrics::{Health, Metrics};
+use crate::outcome::Verdict;
+use crate::reply::{self, ReplyRoute};
+use crate::{ack, store::StoreError};
+use futures::FutureExt as _;
+use lapin::message::Delivery;
+use lapin::{BasicProperties, Channel};
+use sqlx::PgPool;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument as _, Span};
+
+/// What every delivery handler shares.
+pub struct Context {
+    pub pool: PgPool,
+    pub exchange: String,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Handles one delivery to the end. `replies` is a confirm-mode channel on the same
+/// connection; `lost` fires when that connection is gone, at which point the
+/// delivery can no longer be acked and is left for the broker to redeliver.
+pub async fn handle(ctx: Arc<Context>, delivery: Delivery, replies: Channel, lost: CancellationToken) {
+    let started = Instant::now();
+    let acker = delivery.acker.clone();
+    let span = delivery_span(&delivery);
+    ctx.metrics.in_flight.inc();
+    if delivery.redelivered {
+        ctx.metrics.redelivered.inc();
+    }
+    let outcome = AssertUnwindSafe(process(&ctx, delivery, &replies, &lost).instrument(span.clone()))
+        .catch_unwind()
+        .await;
+    let _entered = span.enter();
+    match outcome {
+        Ok(Settled::Acked) => {
+            ctx.metrics.processing_seconds.observe(started.elapsed().as_secs_f64());
+        }
+        Ok(Settled::Requeue) => requeue(&ctx, &acker).await,
+        Ok(Settled::Abandoned) => {}
+        Err(_panic) => {
+            tracing::error!("handling the delivery panicked; handing it back to the queue");
+            requeue(&ctx, &acker).await;
+        }
+    }
+    ctx.metrics.in_flight.dec();
+}
+
+async fn requeue(ctx: &Context, acker: &lapin::Acker) {
+    if ack::requeue(acker).await {
+        ctx.metrics.requeued.inc();
+    }
+}
+
+/// How a delivery left `process`.
+enum Settled {
+    Acked,
+    /// Not the content's fault and not transient: let the delivery limit judge.
+    Requeue,
+    /// The channel is gone; the broker will redeliver.
+    Abandoned,
+}
+
+async fn process(ctx: &Context, delivery: Delivery, replies: &Channel, lost: &CancellationToken) -> Settled {
+    let props = request_props(&delivery.properties);
+    let verdict = match decode(&props, &delivery.data) {
+        Ok(request) => match lost.run_until_cancelled(apply(&ctx.pool, &request, &ctx.health, &ctx.metrics)).await {
+            Some(Ok(verdict)) => verdict,
+            Some(Err(error)) => {
+                tracing::error!(error = %error, kind = store_error_kind(&error), "cannot apply the request");
+                return Settled::Requeue;
+            }
+            None => return Settled::Abandoned,
+        },
+        Err(invalid) => {
+            tracing::debug!(body = %String::from_utf8_lossy(&delivery.data), "invalid request body");
+            Verdict::for_invalid(&invalid)
+        }
+    };
+    let span = Span::current();
+    span.record("outcome", verdict.outcome.name());
+    if let Some(reason) = verdict.outcome.reason() {
+        span.record("reason", reason);
+    }
+
+    let route = ReplyRoute {
+        reply_to: delivery.properties.reply_to().as_ref().map(|s| s.to_string()),
+        correlation_id: delivery.properties.correlation_id().as_ref().map(|s| s.to_string()),
+    };
+    if !send_reply(ctx, replies, &route, &verdict, lost).await {
+        return Settled::Abandoned;
+    }
+    ctx.metrics.record(&verdict);
+    if !ack::ack(&delivery.acker).await {
+        return Settled::Abandoned;
+    }
+    tracing::info!(replayed = verdict.replayed, "request answered");
+    Settled::Acked
+}
+
+/// Publishes the reply until it is confirmed, or until the connection is lost.
+/// A refused publish on a live channel is retried: giving up would leave the
+/// delivery unacked on a channel that may live for days.
+async fn send_reply(ctx: &Context, replies: &Channel, route: &ReplyRoute, verdict: &Verdict, lost: &CancellationToken) -> bool {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let sent = lost.run_until_cancelled(reply::send(replies, &ctx.exchange, route, verdict)).await;
+        match sent {
+            None => return false,
+            Some(Ok(())) => return true,
+            Some(Err(error)) => {
+                ctx.metrics.dependency_error("broker");
+                tracing::warn!(%error, "reply not confirmed");
+                if !replies.status().connected() {
+                    return false;
+                }
+                if lost.run_until_cancelled(tokio::time::sleep(backoff)).await.is_none() {
+                    return false;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn store_error_kind(error: &StoreError) -> &'static str {
+    match error {
+        StoreError::Transient(_) => "transient",
+        StoreError::Permanent(_) => "permanent",
+    }
+}
+
+/// One span per delivery; `outcome` and `reason` are filled in once known.
+fn delivery_span(delivery: &Delivery) -> Span {
+    let properties = &delivery.properties;
+    tracing::info_span!(
+        "delivery",
+        message_id = properties.message_id().as_ref().map(|s| s.as_str()),
+        correlation_id = properties.correlation_id().as_ref().map(|s| s.as_str()),
+        delivery_tag = delivery.delivery_tag,
+        redelivered = delivery.redelivered,
+        outcome = tracing::field::Empty,
+        reason = tracing::field::Empty,
+    )
+}
+
+/// Copies the properties decoding judges out of the broker's types.
+pub fn request_props(properties: &BasicProperties) -> RequestProps {
+    RequestProps {
+        message_id: properties.message_id().as_ref().map(|s| s.to_string()),
+        content_type: properties.content_type().as_ref().map(|s| s.to_string()),
+        content_encoding: properties.content_encoding().as_ref().map(|s| s.to_string()),
+    }
+}

@@ -1,0 +1,37 @@
+//! qty-worker applies `qty.adjust` requests from RabbitMQ to PostgreSQL: exactly
+//! one effect per `message_id`, at least one reply, and an ack only after the
+//! reply is confirmed. `../shared/contract.md` (mirrored in the README) is the spec.
+//!
+//! # Layout
+//!
+//! The message flow is the architecture, one stage a module:
+//!
+//! - [`worker`]: the loop: connect, declare, consume, reconnect, drain on stop.
+//! - [`delivery`]: one delivery through the stages below, in one tracing span.
+//! - [`decode`]: properties and body to a `Request`, or a named rejection (pure).
+//! - [`apply`]: ledger and guarded update in one transaction, transient retries.
+//! - [`reply`]: publish the reply and wait for the broker's confirm.
+//! - [`ack`]: settle the delivery on the channel that delivered it.
+//!
+//! Around them: [`outcome`] (the one type behind reply, routing, metrics and logs),
+//! [`store`] (all SQL), [`broker`] (connection and topology), [`metrics`] and
+//! [`http`] (Prometheus, health), [`settings`], [`cli`], [`commands`] (operator
+//! commands) and [`telemetry`].
+
+pub mod ack;
+pub mod apply;
+pub mod broker;
+pub mod cli;
+pub mod commands;
+pub mod decode;
+pub mod delivery;
+pub mod http;
+pub mod metrics;
+pub mod outcome;
+pub mod reply;
+pub mod settings;
+pub mod store;
+pub mod telemetry;
+pub mod worker;
+
+pub use worker::{Worker, run};

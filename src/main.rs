@@ -1,0 +1,45 @@
+use clap::Parser as _;
+use qty_worker::cli::{Cli, Command};
+use qty_worker::settings::Settings;
+use qty_worker::{commands, telemetry};
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quiet_by_default = !matches!(cli.command, Command::Run(_));
+    telemetry::init(cli.log_format, if quiet_by_default { "warn" } else { "info" });
+    let result = match cli.command {
+        Command::Run(worker) => {
+            let settings = Settings {
+                connections: cli.connections,
+                worker,
+            };
+            qty_worker::run(settings, shutdown_signal()).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Migrate => commands::migrate(&cli.connections).await,
+        Command::Item(item) => commands::item(&cli.connections, item).await,
+        Command::Adjust(args) => commands::adjust(&cli.connections, args).await,
+    };
+    result.unwrap_or_else(|error| {
+        eprintln!("error: {error:#}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await.ok();
+    tracing::info!("stop requested");
+}

@@ -1,0 +1,147 @@
+//! The worker's Prometheus metrics and its health flags. Each worker owns its own
+//! registry (no process-global recorder), so several workers in one test process
+//! report separately.
+
+use crate::outcome::Verdict;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DependencyLabels {
+    pub dependency: &'static str,
+}
+
+/// Counters and gauges the flow updates, plus the registry that renders them.
+pub struct Metrics {
+    registry: Registry,
+    adjustments: Family<OutcomeLabels, Counter>,
+    pub replayed: Counter,
+    pub redelivered: Counter,
+    pub in_flight: Gauge,
+    pub processing_seconds: Histogram,
+    pub dependency_errors: Family<DependencyLabels, Counter>,
+    pub requeued: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("qty_worker");
+        let adjustments = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "adjustments",
+            "Requests answered, by outcome and reason (reason is empty unless rejected)",
+            adjustments.clone(),
+        );
+        let replayed = Counter::default();
+        registry.register(
+            "duplicates_replayed",
+            "Requests whose message_id was already in the ledger",
+            replayed.clone(),
+        );
+        let redelivered = Counter::default();
+        registry.register(
+            "redeliveries",
+            "Deliveries the broker marked as redelivered",
+            redelivered.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register("deliveries_in_flight", "Deliveries received and not yet settled", in_flight.clone());
+        let processing_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "processing_seconds",
+            "Time from receiving a delivery to acking it",
+            processing_seconds.clone(),
+        );
+        let dependency_errors = Family::<DependencyLabels, Counter>::default();
+        registry.register(
+            "dependency_errors",
+            "Transient failures talking to a dependency (broker or database)",
+            dependency_errors.clone(),
+        );
+        let requeued = Counter::default();
+        registry.register(
+            "deliveries_requeued",
+            "Deliveries handed back to the queue after a failure not caused by their content",
+            requeued.clone(),
+        );
+        Metrics {
+            registry,
+            adjustments,
+            replayed,
+            redelivered,
+            in_flight,
+            processing_seconds,
+            dependency_errors,
+            requeued,
+        }
+    }
+
+    /// Counts one answered request under the labels its verdict dictates.
+    pub fn record(&self, verdict: &Verdict) {
+        self.adjustments
+            .get_or_create(&OutcomeLabels {
+                outcome: verdict.outcome.name(),
+                reason: verdict.outcome.reason().unwrap_or(""),
+            })
+            .inc();
+        if verdict.replayed {
+            self.replayed.inc();
+        }
+    }
+
+    pub fn dependency_error(&self, dependency: &'static str) {
+        self.dependency_errors
+            .get_or_create(&DependencyLabels { dependency })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// What `/readyz` reports: both dependencies connected and the consumer running.
+#[derive(Debug, Default)]
+pub struct Health {
+    database: AtomicBool,
+    consuming: AtomicBool,
+}
+
+impl Health {
+    pub fn set_database(&self, up: bool) {
+        self.database.store(up, Ordering::Relaxed);
+    }
+
+    pub fn set_consuming(&self, up: bool) {
+        self.consuming.store(up, Ordering::Relaxed);
+    }
+
+    pub fn database(&self) -> bool {
+        self.database.load(Ordering::Relaxed)
+    }
+
+    pub fn consuming(&self) -> bool {
+        self.consuming.load(Ordering::Relaxed)
+    }
+}
