@@ -30,8 +30,14 @@ pub async fn apply(
         match store::adjust(pool, &[request]).await {
             Ok(mut answers) => {
                 health.set_database(true);
-                let answer = answers.pop().expect("store::adjust answers once per request");
-                return Ok(Verdict::for_request(request, answer.outcome, answer.replayed));
+                let answer = answers
+                    .pop()
+                    .expect("store::adjust answers once per request");
+                return Ok(Verdict::for_request(
+                    request,
+                    answer.outcome,
+                    answer.replayed,
+                ));
             }
             Err(StoreError::Transient(error)) => {
                 health.set_database(false);

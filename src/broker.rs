@@ -61,12 +61,18 @@ impl Topology {
                 FieldTable::default(),
             )
             .await
-            .with_context(|| format!("cannot declare exchange {:?}", self.dead_letter_exchange()))?;
+            .with_context(|| {
+                format!("cannot declare exchange {:?}", self.dead_letter_exchange())
+            })?;
 
         let mut quorum = FieldTable::default();
         quorum.insert("x-queue-type".into(), long_string("quorum"));
         channel
-            .queue_declare(self.dead_letter_queue().into(), durable_queue, quorum.clone())
+            .queue_declare(
+                self.dead_letter_queue().into(),
+                durable_queue,
+                quorum.clone(),
+            )
             .await
             .with_context(|| format!("cannot declare queue {:?}", self.dead_letter_queue()))?;
         channel
@@ -81,12 +87,21 @@ impl Topology {
             .context("cannot bind the dead-letter queue")?;
 
         let mut arguments = quorum;
-        arguments.insert("x-dead-letter-exchange".into(), long_string(&self.dead_letter_exchange()));
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            long_string(&self.dead_letter_exchange()),
+        );
         arguments.insert("x-dead-letter-routing-key".into(), long_string(&self.queue));
-        arguments.insert("x-delivery-limit".into(), AMQPValue::LongInt(self.delivery_limit as i32));
+        arguments.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(self.delivery_limit as i32),
+        );
         // At-least-once dead-lettering keeps a poison message until the dead-letter
         // queue has confirmed it; the broker requires reject-publish overflow for it.
-        arguments.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
+        arguments.insert(
+            "x-dead-letter-strategy".into(),
+            long_string("at-least-once"),
+        );
         arguments.insert("x-overflow".into(), long_string("reject-publish"));
         channel
             .queue_declare(self.queue.as_str().into(), durable_queue, arguments)
@@ -119,7 +134,12 @@ pub async fn connect(amqp_url: &str, connection_name: &str) -> anyhow::Result<Co
         .with_connection_name(LongString::from(connection_name.as_bytes().to_vec()));
     Connection::connect_uri(uri, properties)
         .await
-        .with_context(|| format!("cannot reach RabbitMQ at {}", crate::settings::redact(amqp_url)))
+        .with_context(|| {
+            format!(
+                "cannot reach RabbitMQ at {}",
+                crate::settings::redact(amqp_url)
+            )
+        })
 }
 
 /// A short string from text that came from the broker or from validated settings.

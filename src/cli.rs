@@ -5,7 +5,11 @@ use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
 #[derive(Debug, Parser)]
-#[command(name = "qty-worker", version, about = "Applies qty.adjust requests from RabbitMQ to PostgreSQL, exactly once per message_id.")]
+#[command(
+    name = "qty-worker",
+    version,
+    about = "Applies qty.adjust requests from RabbitMQ to PostgreSQL, exactly once per message_id."
+)]
 pub struct Cli {
     #[command(flatten)]
     pub connections: Connections,

@@ -9,9 +9,9 @@ use crate::settings::{Connections, redact};
 use crate::store;
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
+use lapin::BasicProperties;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use lapin::BasicProperties;
 use sqlx::PgPool;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -26,7 +26,12 @@ const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 async fn database(connections: &Connections) -> anyhow::Result<PgPool> {
     let pool = store::connect(&connections.database_url, 2)
         .await
-        .with_context(|| format!("database {} (is PostgreSQL running? set DATABASE_URL)", redact(&connections.database_url)))?;
+        .with_context(|| {
+            format!(
+                "database {} (is PostgreSQL running? set DATABASE_URL)",
+                redact(&connections.database_url)
+            )
+        })?;
     store::migrate(&pool).await?;
     Ok(pool)
 }
@@ -76,9 +81,13 @@ pub async fn adjust(connections: &Connections, args: AdjustArgs) -> anyhow::Resu
             FieldTable::default(),
         )
         .await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
 
-    let message_id = args.message_id.unwrap_or_else(|| Uuid::new_v4().to_string());
+    let message_id = args
+        .message_id
+        .unwrap_or_else(|| Uuid::new_v4().to_string());
     let body = serde_json::json!({ "item_id": args.item_id, "delta": args.delta }).to_string();
     let properties = BasicProperties::default()
         .with_message_id(short(&message_id))
@@ -99,7 +108,12 @@ pub async fn adjust(connections: &Connections, args: AdjustArgs) -> anyhow::Resu
         )
         .await?
         .await
-        .with_context(|| format!("cannot publish to exchange {:?} (is the worker running? it declares it)", connections.exchange))?;
+        .with_context(|| {
+            format!(
+                "cannot publish to exchange {:?} (is the worker running? it declares it)",
+                connections.exchange
+            )
+        })?;
     if confirm.take_message().is_some() {
         bail!(
             "no queue is bound to exchange {:?} with routing key {REQUEST_ROUTING_KEY:?} (is the worker running?)",
@@ -113,7 +127,12 @@ pub async fn adjust(connections: &Connections, args: AdjustArgs) -> anyhow::Resu
             .await
             .with_context(|| format!("no reply within {}s (is the worker running?)", args.timeout))?
             .context("the reply consumer ended")??;
-        let correlates = delivery.properties.correlation_id().as_ref().map(|s| s.as_str()) == Some(message_id.as_str());
+        let correlates = delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.as_str())
+            == Some(message_id.as_str());
         if correlates {
             break delivery;
         }
@@ -123,7 +142,12 @@ pub async fn adjust(connections: &Connections, args: AdjustArgs) -> anyhow::Resu
     connection.close(200, "done".into()).await.ok();
     let outcome = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
-        .and_then(|value| value.get("outcome").and_then(|o| o.as_str()).map(str::to_owned));
+        .and_then(|value| {
+            value
+                .get("outcome")
+                .and_then(|o| o.as_str())
+                .map(str::to_owned)
+        });
     Ok(match outcome.as_deref() {
         Some("applied") => ExitCode::SUCCESS,
         Some("not_found") => ExitCode::from(EXIT_NOT_FOUND),

@@ -325,8 +325,7 @@ fn parse_item_id(raw: &str) -> Result<Uuid, DecodeError> {
     if kind != JsonKind::String {
         return Err(DecodeError::ItemIdNotString(kind));
     }
-    let text: String =
-        serde_json::from_str(raw).map_err(|e| DecodeError::Syntax(e.to_string()))?;
+    let text: String = serde_json::from_str(raw).map_err(|e| DecodeError::Syntax(e.to_string()))?;
     // Uuid::try_parse also takes the simple, braced and URN forms; of those,
     // only the hyphenated one is 36 characters long.
     match Uuid::try_parse(&text) {

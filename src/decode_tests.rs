@@ -38,7 +38,10 @@ fn extremes_of_i64_zero_and_member_order_decode() {
         assert_eq!(request.delta, delta);
     }
     let reordered = format!(r#" {{ "delta" : 5 , "item_id" : "{ITEM}" }} "#);
-    assert_eq!(decode(&props(), reordered.as_bytes()).map(|r| r.delta), Ok(5));
+    assert_eq!(
+        decode(&props(), reordered.as_bytes()).map(|r| r.delta),
+        Ok(5)
+    );
 }
 
 #[test]
@@ -63,7 +66,10 @@ fn content_type_may_carry_parameters_or_be_absent() {
             content_type: content_type.map(str::to_owned),
             ..props()
         };
-        assert!(decode(&props, body("1").as_bytes()).is_ok(), "{content_type:?}");
+        assert!(
+            decode(&props, body("1").as_bytes()).is_ok(),
+            "{content_type:?}"
+        );
     }
 }
 
@@ -82,13 +88,21 @@ fn delta_of_every_wrong_type_names_the_member_and_the_type() {
         ("{}", "delta must be an integer, got object"),
     ];
     for (delta, expected) in cases {
-        assert_eq!(error_of(&props(), body(delta).as_bytes()), expected, "delta {delta}");
+        assert_eq!(
+            error_of(&props(), body(delta).as_bytes()),
+            expected,
+            "delta {delta}"
+        );
     }
 }
 
 #[test]
 fn delta_outside_i64_is_out_of_range_not_a_float() {
-    for delta in ["9223372036854775808", "-9223372036854775809", "1000000000000000000000000"] {
+    for delta in [
+        "9223372036854775808",
+        "-9223372036854775809",
+        "1000000000000000000000000",
+    ] {
         assert_eq!(
             error_of(&props(), body(delta).as_bytes()),
             format!("delta must be within the signed 64-bit range, got {delta}")
@@ -99,8 +113,14 @@ fn delta_outside_i64_is_out_of_range_not_a_float() {
 #[test]
 fn missing_unknown_and_duplicated_members_are_named() {
     let cases = [
-        (format!(r#"{{"item_id":"{ITEM}"}}"#), r#"body is missing member "delta""#),
-        (r#"{"delta":1}"#.to_owned(), r#"body is missing member "item_id""#),
+        (
+            format!(r#"{{"item_id":"{ITEM}"}}"#),
+            r#"body is missing member "delta""#,
+        ),
+        (
+            r#"{"delta":1}"#.to_owned(),
+            r#"body is missing member "item_id""#,
+        ),
         ("{}".to_owned(), r#"body is missing member "item_id""#),
         (
             format!(r#"{{"item_id":"{ITEM}","delta":1,"qty":3}}"#),
@@ -124,17 +144,33 @@ fn missing_unknown_and_duplicated_members_are_named() {
 fn item_id_must_be_a_hyphenated_uuid_string() {
     let simple = ITEM.replace('-', "");
     let cases = [
-        (r#""not-a-uuid""#.to_owned(), r#"item_id must be a hyphenated UUID, got "not-a-uuid""#),
-        (format!("\"{simple}\""), &*format!("item_id must be a hyphenated UUID, got \"{simple}\"")),
-        (format!("\"{{{ITEM}}}\""), &*format!("item_id must be a hyphenated UUID, got \"{{{ITEM}}}\"")),
-        (format!("\"urn:uuid:{ITEM}\""), &*format!("item_id must be a hyphenated UUID, got \"urn:uuid:{ITEM}\"")),
+        (
+            r#""not-a-uuid""#.to_owned(),
+            r#"item_id must be a hyphenated UUID, got "not-a-uuid""#,
+        ),
+        (
+            format!("\"{simple}\""),
+            &*format!("item_id must be a hyphenated UUID, got \"{simple}\""),
+        ),
+        (
+            format!("\"{{{ITEM}}}\""),
+            &*format!("item_id must be a hyphenated UUID, got \"{{{ITEM}}}\""),
+        ),
+        (
+            format!("\"urn:uuid:{ITEM}\""),
+            &*format!("item_id must be a hyphenated UUID, got \"urn:uuid:{ITEM}\""),
+        ),
         ("42".to_owned(), "item_id must be a string, got integer"),
         ("null".to_owned(), "item_id must be a string, got null"),
     ]
     .map(|(raw, expected)| (raw, expected.to_owned()));
     for (raw, expected) in cases {
         let body = format!(r#"{{"item_id":{raw},"delta":1}}"#);
-        assert_eq!(error_of(&props(), body.as_bytes()), expected, "item_id {raw}");
+        assert_eq!(
+            error_of(&props(), body.as_bytes()),
+            expected,
+            "item_id {raw}"
+        );
     }
 }
 
@@ -157,9 +193,16 @@ fn bodies_that_are_not_a_json_object_are_rejected_by_kind() {
 #[test]
 fn truncated_json_and_trailing_garbage_are_syntax_errors() {
     let full = body("1");
-    for broken in [&full[..full.len() - 1], &format!("{full} x"), "{\"item_id\":"] {
+    for broken in [
+        &full[..full.len() - 1],
+        &format!("{full} x"),
+        "{\"item_id\":",
+    ] {
         let error = error_of(&props(), broken.as_bytes());
-        assert!(error.starts_with("body is not valid JSON: "), "{broken}: {error}");
+        assert!(
+            error.starts_with("body is not valid JSON: "),
+            "{broken}: {error}"
+        );
     }
 }
 
@@ -169,11 +212,20 @@ fn nesting_bombs_are_rejected_without_overflowing_the_stack() {
     let depth = 32_000;
     let (open, close) = ("[".repeat(depth), "]".repeat(depth));
     let in_delta = format!(r#"{{"item_id":"{ITEM}","delta":{open}{close}}}"#);
-    assert_eq!(error_of(&props(), in_delta.as_bytes()), "delta must be an integer, got array");
+    assert_eq!(
+        error_of(&props(), in_delta.as_bytes()),
+        "delta must be an integer, got array"
+    );
     let in_unknown = format!(r#"{{"x":{open}{close},"item_id":"{ITEM}","delta":1}}"#);
-    assert_eq!(error_of(&props(), in_unknown.as_bytes()), r#"body has unknown member "x""#);
+    assert_eq!(
+        error_of(&props(), in_unknown.as_bytes()),
+        r#"body has unknown member "x""#
+    );
     let at_top = format!("{open}{close}");
-    assert_eq!(error_of(&props(), at_top.as_bytes()), "body must be a JSON object, got array");
+    assert_eq!(
+        error_of(&props(), at_top.as_bytes()),
+        "body must be a JSON object, got array"
+    );
     let unbalanced = format!(r#"{{"item_id":"{ITEM}","delta":{open}"#);
     assert!(error_of(&props(), unbalanced.as_bytes()).starts_with("body is not valid JSON"));
 }
@@ -186,33 +238,59 @@ fn a_body_over_64_kib_is_rejected_unread() {
         error_of(&props(), big.as_bytes()),
         format!("body must be at most 65536 bytes, got {}", big.len())
     );
-    let just_fits = format!("{}{}", body("1"), " ".repeat(MAX_BODY_BYTES - body("1").len()));
+    let just_fits = format!(
+        "{}{}",
+        body("1"),
+        " ".repeat(MAX_BODY_BYTES - body("1").len())
+    );
     assert!(decode(&props(), just_fits.as_bytes()).is_ok());
 }
 
 #[test]
 fn wrong_properties_are_named() {
     let cases = [
-        (RequestProps { message_id: None, ..props() }, "message_id property is required"),
         (
-            RequestProps { message_id: Some(String::new()), ..props() },
+            RequestProps {
+                message_id: None,
+                ..props()
+            },
+            "message_id property is required",
+        ),
+        (
+            RequestProps {
+                message_id: Some(String::new()),
+                ..props()
+            },
             "message_id property must not be empty",
         ),
         (
-            RequestProps { content_type: Some("text/plain".into()), ..props() },
+            RequestProps {
+                content_type: Some("text/plain".into()),
+                ..props()
+            },
             r#"content_type must be application/json, got "text/plain""#,
         ),
         (
-            RequestProps { content_type: Some("application/json; charset=latin1".into()), ..props() },
+            RequestProps {
+                content_type: Some("application/json; charset=latin1".into()),
+                ..props()
+            },
             r#"content_type charset must be utf-8, got "latin1""#,
         ),
         (
-            RequestProps { content_encoding: Some("gzip".into()), ..props() },
+            RequestProps {
+                content_encoding: Some("gzip".into()),
+                ..props()
+            },
             r#"content_encoding must be absent, got "gzip""#,
         ),
     ];
     for (props, expected) in cases {
-        assert_eq!(error_of(&props, body("1").as_bytes()), expected, "{props:?}");
+        assert_eq!(
+            error_of(&props, body("1").as_bytes()),
+            expected,
+            "{props:?}"
+        );
     }
 }
 
@@ -220,10 +298,16 @@ fn wrong_properties_are_named() {
 fn a_rejection_keeps_whatever_was_readable() {
     let invalid = decode(&props(), body("true").as_bytes()).expect_err("boolean delta");
     assert_eq!(invalid.message_id.as_deref(), Some("k-1"));
-    assert_eq!(invalid.item_id.map(|id| id.to_string()).as_deref(), Some(ITEM));
+    assert_eq!(
+        invalid.item_id.map(|id| id.to_string()).as_deref(),
+        Some(ITEM)
+    );
     assert_eq!(invalid.delta, None);
 
-    let no_id = RequestProps { message_id: None, ..props() };
+    let no_id = RequestProps {
+        message_id: None,
+        ..props()
+    };
     let invalid = decode(&no_id, body("7").as_bytes()).expect_err("no message_id");
     assert_eq!(invalid.error, DecodeError::MissingMessageId);
     assert_eq!((invalid.message_id, invalid.delta), (None, Some(7)));

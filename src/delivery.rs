@@ -33,7 +33,12 @@ pub struct Context {
 /// Handles one delivery to the end. `replies` is a confirm-mode channel on the same
 /// connection; `lost` fires when that connection is gone, at which point the
 /// delivery can no longer be acked and is left for the broker to redeliver.
-pub async fn handle(ctx: Arc<Context>, delivery: Delivery, replies: Channel, lost: CancellationToken) {
+pub async fn handle(
+    ctx: Arc<Context>,
+    delivery: Delivery,
+    replies: Channel,
+    lost: CancellationToken,
+) {
     let started = Instant::now();
     let acker = delivery.acker.clone();
     let span = delivery_span(&delivery);
@@ -41,13 +46,16 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery, replies: Channel, los
     if delivery.redelivered {
         ctx.metrics.redelivered.inc();
     }
-    let outcome = AssertUnwindSafe(process(&ctx, delivery, &replies, &lost).instrument(span.clone()))
-        .catch_unwind()
-        .await;
+    let outcome =
+        AssertUnwindSafe(process(&ctx, delivery, &replies, &lost).instrument(span.clone()))
+            .catch_unwind()
+            .await;
     let _entered = span.enter();
     match outcome {
         Ok(Settled::Acked) => {
-            ctx.metrics.processing_seconds.observe(started.elapsed().as_secs_f64());
+            ctx.metrics
+                .processing_seconds
+                .observe(started.elapsed().as_secs_f64());
         }
         Ok(Settled::Requeue) => requeue(&ctx, &acker).await,
         Ok(Settled::Abandoned) => {}
@@ -74,10 +82,18 @@ enum Settled {
     Abandoned,
 }
 
-async fn process(ctx: &Context, delivery: Delivery, replies: &Channel, lost: &CancellationToken) -> Settled {
+async fn process(
+    ctx: &Context,
+    delivery: Delivery,
+    replies: &Channel,
+    lost: &CancellationToken,
+) -> Settled {
     let props = request_props(&delivery.properties);
     let verdict = match decode(&props, &delivery.data) {
-        Ok(request) => match lost.run_until_cancelled(apply(&ctx.pool, &request, &ctx.health, &ctx.metrics)).await {
+        Ok(request) => match lost
+            .run_until_cancelled(apply(&ctx.pool, &request, &ctx.health, &ctx.metrics))
+            .await
+        {
             Some(Ok(verdict)) => verdict,
             Some(Err(error)) => {
                 tracing::error!(error = %error, kind = store_error_kind(&error), "cannot apply the request");
@@ -97,8 +113,16 @@ async fn process(ctx: &Context, delivery: Delivery, replies: &Channel, lost: &Ca
     }
 
     let route = ReplyRoute {
-        reply_to: delivery.properties.reply_to().as_ref().map(|s| s.to_string()),
-        correlation_id: delivery.properties.correlation_id().as_ref().map(|s| s.to_string()),
+        reply_to: delivery
+            .properties
+            .reply_to()
+            .as_ref()
+            .map(|s| s.to_string()),
+        correlation_id: delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.to_string()),
     };
     if !send_reply(ctx, replies, &route, &verdict, lost).await {
         return Settled::Abandoned;
@@ -114,10 +138,18 @@ async fn process(ctx: &Context, delivery: Delivery, replies: &Channel, lost: &Ca
 /// Publishes the reply until it is confirmed, or until the connection is lost.
 /// A refused publish on a live channel is retried: giving up would leave the
 /// delivery unacked on a channel that may live for days.
-async fn send_reply(ctx: &Context, replies: &Channel, route: &ReplyRoute, verdict: &Verdict, lost: &CancellationToken) -> bool {
+async fn send_reply(
+    ctx: &Context,
+    replies: &Channel,
+    route: &ReplyRoute,
+    verdict: &Verdict,
+    lost: &CancellationToken,
+) -> bool {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let sent = lost.run_until_cancelled(reply::send(replies, &ctx.exchange, route, verdict)).await;
+        let sent = lost
+            .run_until_cancelled(reply::send(replies, &ctx.exchange, route, verdict))
+            .await;
         match sent {
             None => return false,
             Some(Ok(())) => return true,
@@ -127,7 +159,11 @@ async fn send_reply(ctx: &Context, replies: &Channel, route: &ReplyRoute, verdic
                 if !replies.status().connected() {
                     return false;
                 }
-                if lost.run_until_cancelled(tokio::time::sleep(backoff)).await.is_none() {
+                if lost
+                    .run_until_cancelled(tokio::time::sleep(backoff))
+                    .await
+                    .is_none()
+                {
                     return false;
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -162,6 +198,9 @@ pub fn request_props(properties: &BasicProperties) -> RequestProps {
     RequestProps {
         message_id: properties.message_id().as_ref().map(|s| s.to_string()),
         content_type: properties.content_type().as_ref().map(|s| s.to_string()),
-        content_encoding: properties.content_encoding().as_ref().map(|s| s.to_string()),
+        content_encoding: properties
+            .content_encoding()
+            .as_ref()
+            .map(|s| s.to_string()),
     }
 }

@@ -8,14 +8,19 @@ use std::process::ExitCode;
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet_by_default = !matches!(cli.command, Command::Run(_));
-    telemetry::init(cli.log_format, if quiet_by_default { "warn" } else { "info" });
+    telemetry::init(
+        cli.log_format,
+        if quiet_by_default { "warn" } else { "info" },
+    );
     let result = match cli.command {
         Command::Run(worker) => {
             let settings = Settings {
                 connections: cli.connections,
                 worker,
             };
-            qty_worker::run(settings, shutdown_signal()).await.map(|()| ExitCode::SUCCESS)
+            qty_worker::run(settings, shutdown_signal())
+                .await
+                .map(|()| ExitCode::SUCCESS)
         }
         Command::Migrate => commands::migrate(&cli.connections).await,
         Command::Item(item) => commands::item(&cli.connections, item).await,

@@ -62,7 +62,11 @@ impl Metrics {
             redelivered.clone(),
         );
         let in_flight = Gauge::default();
-        registry.register("deliveries_in_flight", "Deliveries received and not yet settled", in_flight.clone());
+        registry.register(
+            "deliveries_in_flight",
+            "Deliveries received and not yet settled",
+            in_flight.clone(),
+        );
         let processing_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register(
             "processing_seconds",

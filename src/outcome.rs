@@ -239,15 +239,28 @@ mod tests {
         let v = verdict(Outcome::Applied { qty: 3 });
         let other = verdict(Outcome::Rejected(Reason::IdempotencyConflict));
         assert_eq!(v.reply_message_id(&v.body()), v.reply_message_id(&v.body()));
-        assert_ne!(v.reply_message_id(&v.body()), other.reply_message_id(&other.body()));
-        let anonymous = Verdict { message_id: None, ..v };
+        assert_ne!(
+            v.reply_message_id(&v.body()),
+            other.reply_message_id(&other.body())
+        );
+        let anonymous = Verdict {
+            message_id: None,
+            ..v
+        };
         let body = anonymous.body();
-        assert_ne!(anonymous.reply_message_id(&body), anonymous.reply_message_id(&body));
+        assert_ne!(
+            anonymous.reply_message_id(&body),
+            anonymous.reply_message_id(&body)
+        );
     }
 
     #[test]
     fn stored_reason_codes_round_trip() {
-        for reason in [Reason::InsufficientQty, Reason::QtyOutOfRange, Reason::IdempotencyConflict] {
+        for reason in [
+            Reason::InsufficientQty,
+            Reason::QtyOutOfRange,
+            Reason::IdempotencyConflict,
+        ] {
             assert_eq!(Reason::from_code(reason.code()), Some(reason));
         }
         assert_eq!(Reason::from_code("invalid_message"), None);

@@ -37,7 +37,11 @@ pub async fn send(
         .with_type(short(&event_type))
         .with_delivery_mode(2)
         .with_message_id(short(&verdict.reply_message_id(&body)));
-    if let Some(correlation_id) = route.correlation_id.as_deref().or(verdict.message_id.as_deref()) {
+    if let Some(correlation_id) = route
+        .correlation_id
+        .as_deref()
+        .or(verdict.message_id.as_deref())
+    {
         properties = properties.with_correlation_id(short(correlation_id));
     }
     let (exchange, routing_key) = match &route.reply_to {

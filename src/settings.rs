@@ -11,11 +11,21 @@ pub const DEFAULT_PREFETCH: u16 = 64;
 #[derive(Debug, Clone, Args)]
 pub struct Connections {
     /// RabbitMQ URL (amqp:// or amqps://).
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", global = true)]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        global = true
+    )]
     pub amqp_url: String,
 
     /// PostgreSQL URL; the database is created if it does not exist.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/inventory", global = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/inventory",
+        global = true
+    )]
     pub database_url: String,
 
     /// Topic exchange that requests arrive on and events leave by.
@@ -112,8 +122,14 @@ mod tests {
             redact("amqp://guest:secret@host:5672/%2f"),
             "amqp://guest:***@host:5672/%2f"
         );
-        assert_eq!(redact("postgres://postgres@h/db"), "postgres://postgres@h/db");
-        assert_eq!(redact("postgres://u:p@ss@h/db?x=1"), "postgres://u:***@h/db?x=1");
+        assert_eq!(
+            redact("postgres://postgres@h/db"),
+            "postgres://postgres@h/db"
+        );
+        assert_eq!(
+            redact("postgres://u:p@ss@h/db?x=1"),
+            "postgres://u:***@h/db?x=1"
+        );
         assert_eq!(redact("not a url"), "not a url");
     }
 }

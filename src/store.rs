@@ -92,7 +92,8 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Resul
             .await;
         match created {
             // Another worker created it first: that is just as good.
-            Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42P04" | "23505")) => {}
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("42P04" | "23505")) => {}
             other => {
                 other.with_context(|| format!("cannot create database {quoted}"))?;
             }
@@ -140,7 +141,12 @@ pub async fn adjust(pool: &PgPool, requests: &[&Request]) -> Result<Vec<Adjusted
     .bind(&deltas)
     .fetch_all(pool)
     .await?;
-    if rows.len() != requests.len() || rows.iter().enumerate().any(|(i, r)| r.pos as usize != i + 1) {
+    if rows.len() != requests.len()
+        || rows
+            .iter()
+            .enumerate()
+            .any(|(i, r)| r.pos as usize != i + 1)
+    {
         return Err(StoreError::Permanent(sqlx::Error::Protocol(format!(
             "qty_adjust answered {} rows for {} requests",
             rows.len(),
@@ -152,7 +158,11 @@ pub async fn adjust(pool: &PgPool, requests: &[&Request]) -> Result<Vec<Adjusted
 
 impl AdjustRow {
     fn into_adjusted(self) -> Result<Adjusted, StoreError> {
-        let outcome = match (self.outcome.as_str(), self.reason.as_deref(), self.qty_after) {
+        let outcome = match (
+            self.outcome.as_str(),
+            self.reason.as_deref(),
+            self.qty_after,
+        ) {
             ("applied", None, Some(qty)) => Some(Outcome::Applied { qty }),
             ("not_found", None, None) => Some(Outcome::NotFound),
             ("rejected", Some(code), None) => Reason::from_code(code).map(Outcome::Rejected),

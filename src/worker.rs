@@ -12,9 +12,11 @@ use crate::settings::{Settings, redact};
 use crate::{broker, http, store};
 use anyhow::Context as _;
 use futures::StreamExt as _;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
-use lapin::types::FieldTable;
 use lapin::message::Delivery;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -37,7 +39,10 @@ pub struct Worker {
 
 /// Builds a worker and runs it until `shutdown` completes.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    Worker::build(settings).await?.run_until_stopped(shutdown).await
+    Worker::build(settings)
+        .await?
+        .run_until_stopped(shutdown)
+        .await
 }
 
 impl Worker {
@@ -50,7 +55,8 @@ impl Worker {
         let health = Arc::new(Health::default());
         health.set_database(true);
         let metrics = Arc::new(Metrics::new());
-        let (http_addr, http) = http::serve(settings.worker.http_addr, health.clone(), metrics.clone()).await?;
+        let (http_addr, http) =
+            http::serve(settings.worker.http_addr, health.clone(), metrics.clone()).await?;
         tracing::info!(%http_addr, "metrics and health listening");
         let ctx = Arc::new(Context {
             pool,
@@ -86,7 +92,11 @@ impl Worker {
                 Ok(session) => session,
                 Err(error) => {
                     self.ctx.metrics.dependency_error("broker");
-                    tracing::warn!(error = format!("{error:#}"), retry_in_ms = backoff.as_millis() as u64, "broker unavailable");
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "broker unavailable"
+                    );
                     tokio::select! {
                         () = &mut shutdown => break,
                         () = tokio::time::sleep(backoff) => {}
@@ -99,7 +109,9 @@ impl Worker {
             self.ctx.health.set_consuming(true);
             tracing::info!(queue = %self.settings.connections.queue, prefetch = self.settings.worker.prefetch, "consuming");
 
-            let stopped = self.consume(&mut session, &mut in_flight, &mut shutdown).await;
+            let stopped = self
+                .consume(&mut session, &mut in_flight, &mut shutdown)
+                .await;
             self.ctx.health.set_consuming(false);
             if stopped {
                 session.drain(&self, &mut in_flight).await;
@@ -143,7 +155,6 @@ impl Worker {
             }
         }
     }
-
 }
 
 /// One broker connection with its consuming and reply channels.
@@ -162,7 +173,9 @@ impl Session {
         let deliveries = connection.create_channel().await?;
         settings.topology().declare(&deliveries).await?;
         let replies = connection.create_channel().await?;
-        replies.confirm_select(ConfirmSelectOptions::default()).await?;
+        replies
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         deliveries
             .basic_qos(settings.worker.prefetch, BasicQosOptions::default())
             .await?;
@@ -185,7 +198,12 @@ impl Session {
     }
 
     fn spawn(&self, ctx: &Arc<Context>, in_flight: &mut JoinSet<()>, delivery: Delivery) {
-        in_flight.spawn(delivery::handle(ctx.clone(), delivery, self.replies.clone(), self.lost.clone()));
+        in_flight.spawn(delivery::handle(
+            ctx.clone(),
+            delivery,
+            self.replies.clone(),
+            self.lost.clone(),
+        ));
     }
 
     /// Stops taking deliveries, then finishes those already received, up to the
@@ -193,7 +211,10 @@ impl Session {
     /// handled too rather than bounced back, so none is redelivered needlessly.
     async fn drain(&mut self, worker: &Worker, in_flight: &mut JoinSet<()>) {
         let drain_for = Duration::from_secs(worker.settings.worker.drain_secs);
-        tracing::info!(in_flight = in_flight.len(), "stopping: cancelling the consumer and finishing what is in flight");
+        tracing::info!(
+            in_flight = in_flight.len(),
+            "stopping: cancelling the consumer and finishing what is in flight"
+        );
         let cancelled = self
             .deliveries
             .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
@@ -212,7 +233,10 @@ impl Session {
             while in_flight.join_next().await.is_some() {}
         };
         if tokio::time::timeout(drain_for, finish).await.is_err() {
-            tracing::warn!(left = in_flight.len(), "drain time is up; unfinished deliveries go back to the queue");
+            tracing::warn!(
+                left = in_flight.len(),
+                "drain time is up; unfinished deliveries go back to the queue"
+            );
             self.lost.cancel();
             in_flight.shutdown().await;
         }
@@ -220,7 +244,13 @@ impl Session {
 
     async fn close(self) {
         self.replies.close(200, "worker stopping".into()).await.ok();
-        self.deliveries.close(200, "worker stopping".into()).await.ok();
-        self.connection.close(200, "worker stopping".into()).await.ok();
+        self.deliveries
+            .close(200, "worker stopping".into())
+            .await
+            .ok();
+        self.connection
+            .close(200, "worker stopping".into())
+            .await
+            .ok();
     }
 }

@@ -1,0 +1,203 @@
+//! The real binary: its subcommands, HTTP endpoints, and a clean exit on SIGTERM.
+
+use crate::helpers::{AMQP_URL, Names, TestApp, WAIT};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn qty_worker(names: &Names) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_qty-worker"));
+    command
+        .env("AMQP_URL", AMQP_URL)
+        .env("DATABASE_URL", names.database_url())
+        .env("QTY_EXCHANGE", &names.exchange)
+        .env("QTY_QUEUE", &names.queue)
+        .env("QTY_LOG_FORMAT", "json")
+        .env_remove("RUST_LOG");
+    command
+}
+
+fn run_to_end(command: &mut Command) -> (i32, String, String) {
+    let output = command.output().expect("run qty-worker");
+    (
+        output.status.code().expect("exit code"),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn item_and_adjust_commands_show_each_outcome_by_exit_code() {
+    let app = TestApp::spawn().await;
+    let names = &app.names;
+    let (code, out, err) = run_to_end(qty_worker(names).args(["item", "create", "--qty", "2"]));
+    assert_eq!(code, 0, "{err}");
+    let item: serde_json::Value = serde_json::from_str(&out).expect("item JSON");
+    let id = item["id"].as_str().expect("id").to_owned();
+    assert_eq!(item["qty"], 2);
+
+    let (code, out, err) =
+        run_to_end(qty_worker(names).args(["adjust", &id, "-1", "--message-id", "cli-1"]));
+    assert_eq!(code, 0, "{err}");
+    let reply: serde_json::Value = serde_json::from_str(&out).expect("reply JSON");
+    assert_eq!(
+        (reply["outcome"].as_str(), reply["qty"].as_i64()),
+        (Some("applied"), Some(1))
+    );
+
+    let (code, out, _) = run_to_end(qty_worker(names).args(["adjust", &id, "-5"]));
+    assert_eq!(code, 4, "rejected exits 4: {out}");
+    let missing = uuid::Uuid::new_v4().to_string();
+    let (code, _, _) = run_to_end(qty_worker(names).args(["adjust", &missing, "1"]));
+    assert_eq!(code, 3, "not_found exits 3");
+
+    let (code, out, _) = run_to_end(qty_worker(names).args(["item", "show", &id]));
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!(r#"{{"id":"{id}","qty":1}}"#).as_str())
+    );
+    let (code, _, err) = run_to_end(qty_worker(names).args(["item", "show", &missing]));
+    assert_eq!(code, 3, "{err}");
+}
+
+#[tokio::test]
+async fn migrate_creates_the_database_and_nothing_else() {
+    let names = Names::random();
+    let cleanup = scopeguard(names.clone());
+    let (code, _, err) = run_to_end(qty_worker(&names).arg("migrate"));
+    assert_eq!(code, 0, "{err}");
+    let pool = sqlx::PgPool::connect(&names.database_url())
+        .await
+        .expect("database exists");
+    let tables: Vec<String> = sqlx::query_scalar(
+        "select table_name::text from information_schema.tables where table_schema = 'public' order by 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("list tables");
+    assert_eq!(tables, ["_sqlx_migrations", "adjustments", "items"]);
+    pool.close().await;
+    // No topology was declared: a passive declare of the queue fails.
+    let connection = lapin::Connection::connect(AMQP_URL, Default::default())
+        .await
+        .expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let declared = channel
+        .queue_declare(names.queue.as_str().into(), passive, Default::default())
+        .await;
+    assert!(declared.is_err(), "migrate must not declare the queue");
+    drop(cleanup);
+}
+
+/// Removes a test's names when dropped.
+struct Cleanup(Names);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        self.0.remove_all();
+    }
+}
+fn scopeguard(names: Names) -> Cleanup {
+    Cleanup(names)
+}
+
+#[tokio::test]
+async fn metrics_count_adjustments_by_outcome_and_reason_and_health_answers() {
+    let mut app = TestApp::spawn().await;
+    let item = app.create_item(1).await;
+    app.adjust("m-1", item, -1).await;
+    app.adjust("m-2", item, -1).await;
+    app.adjust("m-2", item, -1).await;
+    app.replies(3).await;
+    let (status, metrics) = app.get("/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        r#"qty_worker_adjustments_total{outcome="applied",reason=""} 1"#,
+        r#"qty_worker_adjustments_total{outcome="rejected",reason="insufficient_qty"} 2"#,
+        "qty_worker_duplicates_replayed_total 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line:?} in\n{metrics}"
+        );
+    }
+    assert_eq!(app.get("/healthz").await.0, 200);
+    let (status, body) = app.get("/readyz").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "database: up\nbroker: consuming\n")
+    );
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_work_and_exits_zero_with_nothing_unacked() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let app = TestApp::spawn().await;
+    let item = app.create_item(1_000_000).await;
+    // The in-process worker of TestApp would compete for the queue; stop it.
+    let mut app = app;
+    app.worker.stop().expect("in-process worker stops");
+
+    let total = 2_000;
+    for n in 0..total {
+        app.adjust(&format!("t-{n}"), item, -1).await;
+    }
+    let mut child = qty_worker(&app.names)
+        .args(["run", "--http-addr", "127.0.0.1:0", "--prefetch", "50"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the worker");
+    // Let it get going: the first replies prove it is consuming.
+    let mut answered = app.replies(20).await.len();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("send SIGTERM");
+
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("poll child") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker did not exit within {WAIT:?} of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr).ok();
+    assert_eq!(status.code(), Some(0), "exit status; log:\n{stderr}");
+
+    // Every request the worker recorded was replied to, and every one it did not
+    // record is still in the queue, unredelivered: nothing was left unacked.
+    let recorded = app.ledger_rows().await as usize;
+    while answered < recorded {
+        app.next_reply().await;
+        answered += 1;
+    }
+    let queue = app
+        .channel
+        .queue_declare(
+            app.names.queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("queue exists");
+    assert!(
+        recorded < total,
+        "the stop came before the backlog was drained"
+    );
+    assert_eq!(
+        queue.message_count() as usize + recorded,
+        total,
+        "requests lost or left unacked"
+    );
+    assert_eq!(app.qty(item).await, 1_000_000 - recorded as i64);
+}

@@ -1,0 +1,473 @@
+//! Test harness: each `TestApp` gets its own database, exchange and queue (random
+//! suffix), a worker running on its own runtime thread, and a publisher/listener
+//! connection of its own. Everything is removed on drop, even when a test fails.
+
+use futures::StreamExt as _;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use qty_worker::settings::{Connections, Settings, WorkerSettings};
+use serde_json::Value;
+use sqlx::{Connection as _, PgConnection, PgPool};
+use std::net::SocketAddr;
+use std::time::Duration;
+use uuid::Uuid;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// How long any single wait in a test may take before it fails with a message.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Worker logs go to the test output when `RUST_LOG` is set, and nowhere otherwise.
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init()
+            .ok();
+    }
+}
+
+/// A fresh set of names for one test.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub database: String,
+    pub exchange: String,
+    pub queue: String,
+}
+
+impl Names {
+    pub fn random() -> Names {
+        let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
+        Names {
+            database: format!("qtyw_test_{suffix}"),
+            exchange: format!("qtyw-test-{suffix}"),
+            queue: format!("qtyw-test-{suffix}.adjust"),
+        }
+    }
+
+    pub fn database_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:5432/{}", self.database)
+    }
+
+    pub fn settings(&self) -> Settings {
+        Settings {
+            connections: Connections {
+                amqp_url: AMQP_URL.into(),
+                database_url: self.database_url(),
+                exchange: self.exchange.clone(),
+                queue: self.queue.clone(),
+            },
+            worker: WorkerSettings {
+                prefetch: 32,
+                http_addr: "127.0.0.1:0".parse().expect("valid address"),
+                delivery_limit: 10,
+                db_pool: 8,
+                drain_secs: 10,
+            },
+        }
+    }
+
+    /// Deletes the test's queues, exchanges and database. Runs on its own runtime
+    /// so it can be called from `Drop`.
+    pub fn remove_all(&self) {
+        let names = self.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            runtime.block_on(async move {
+                if let Ok(connection) =
+                    Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+                    && let Ok(channel) = connection.create_channel().await
+                {
+                    for queue in [names.queue.clone(), format!("{}.dead", names.queue)] {
+                        channel
+                            .queue_delete(queue.into(), QueueDeleteOptions::default())
+                            .await
+                            .ok();
+                    }
+                    for exchange in [names.exchange.clone(), format!("{}.dlx", names.exchange)] {
+                        channel
+                            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                            .await
+                            .ok();
+                    }
+                    connection.close(200, "test done".into()).await.ok();
+                }
+                if let Ok(mut admin) = PgConnection::connect(PG_ADMIN_URL).await {
+                    let drop = format!(
+                        "drop database if exists \"{}\" with (force)",
+                        names.database
+                    );
+                    sqlx::query(sqlx::AssertSqlSafe(drop))
+                        .execute(&mut admin)
+                        .await
+                        .ok();
+                }
+            });
+        });
+        cleanup.join().ok();
+    }
+}
+
+/// A worker running in-process on its own runtime thread.
+pub struct RunningWorker {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    pub http_addr: SocketAddr,
+}
+
+impl RunningWorker {
+    pub fn start(settings: Settings) -> RunningWorker {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("worker runtime");
+            runtime.block_on(async move {
+                let worker = qty_worker::Worker::build(settings).await?;
+                ready_tx.send(worker.http_addr()).ok();
+                worker
+                    .run_until_stopped(async {
+                        stopped.await.ok();
+                    })
+                    .await
+            })
+        });
+        let http_addr = ready_rx
+            .recv_timeout(WAIT)
+            .expect("the worker did not build within the wait (database reachable?)");
+        RunningWorker {
+            stop: Some(stop),
+            thread: Some(thread),
+            http_addr,
+        }
+    }
+
+    /// Waits until `/readyz` says the worker is consuming, so requests published
+    /// from now on find the topology declared.
+    pub async fn wait_until_ready(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while http_get(self.http_addr, "/readyz").await.0 != 200 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the worker was not ready within {WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Asks the worker to stop and waits for it; returns what `run_until_stopped` returned.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            stop.send(()).ok();
+        }
+        match self.thread.take() {
+            Some(thread) => thread.join().expect("worker thread panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningWorker {
+    fn drop(&mut self) {
+        self.stop().ok();
+    }
+}
+
+/// A reply as a listener sees it.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub body: Value,
+    pub raw: Vec<u8>,
+    pub properties: BasicProperties,
+    pub routing_key: String,
+}
+
+impl Reply {
+    pub fn outcome(&self) -> &str {
+        self.body["outcome"].as_str().expect("reply has an outcome")
+    }
+    pub fn reason(&self) -> Option<&str> {
+        self.body["reason"].as_str()
+    }
+    pub fn message_id(&self) -> Option<String> {
+        self.properties.message_id().as_ref().map(|s| s.to_string())
+    }
+    pub fn correlation_id(&self) -> Option<String> {
+        self.properties
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.to_string())
+    }
+}
+
+/// One test's world: names, worker, database pool and broker client.
+pub struct TestApp {
+    pub names: Names,
+    pub worker: RunningWorker,
+    pub pool: PgPool,
+    pub connection: Connection,
+    pub channel: Channel,
+    /// Server-named queue the test's requests name as `reply_to`.
+    pub reply_queue: String,
+    replies: Consumer,
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+        init_logs();
+        let names = Names::random();
+        let mut settings = names.settings();
+        configure(&mut settings);
+        let worker = RunningWorker::start(settings);
+        worker.wait_until_ready().await;
+        let pool = PgPool::connect(&names.database_url())
+            .await
+            .expect("test pool");
+        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .expect("test broker connection");
+        let channel = connection.create_channel().await.expect("test channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        let (reply_queue, replies) = listen(&channel, None).await;
+        TestApp {
+            names,
+            worker,
+            pool,
+            connection,
+            channel,
+            reply_queue,
+            replies,
+        }
+    }
+
+    pub async fn create_item(&self, qty: i64) -> Uuid {
+        let id = Uuid::new_v4();
+        sqlx::query("insert into items (id, qty) values ($1, $2)")
+            .bind(id)
+            .bind(qty)
+            .execute(&self.pool)
+            .await
+            .expect("insert item");
+        id
+    }
+
+    pub async fn qty(&self, item: Uuid) -> i64 {
+        sqlx::query_scalar("select qty from items where id = $1")
+            .bind(item)
+            .fetch_one(&self.pool)
+            .await
+            .expect("item exists")
+    }
+
+    pub async fn ledger_rows(&self) -> i64 {
+        sqlx::query_scalar("select count(*) from adjustments")
+            .fetch_one(&self.pool)
+            .await
+            .expect("count ledger")
+    }
+
+    /// Request properties as a well-behaved publisher sets them.
+    pub fn props(&self, message_id: &str) -> BasicProperties {
+        BasicProperties::default()
+            .with_message_id(message_id.into())
+            .with_content_type("application/json".into())
+            .with_reply_to(self.reply_queue.as_str().into())
+            .with_delivery_mode(2)
+    }
+
+    /// Publishes raw bytes to the exchange with routing key `qty.adjust`.
+    pub async fn publish_raw(&self, properties: BasicProperties, body: &[u8]) {
+        publish(
+            &self.channel,
+            &self.names.exchange,
+            "qty.adjust",
+            properties,
+            body,
+        )
+        .await;
+    }
+
+    /// Publishes a well-formed request whose reply comes to this test.
+    pub async fn adjust(&self, message_id: &str, item: Uuid, delta: i64) {
+        let body = serde_json::json!({ "item_id": item, "delta": delta }).to_string();
+        self.publish_raw(self.props(message_id), body.as_bytes())
+            .await;
+    }
+
+    /// The next reply on this test's reply queue.
+    pub async fn next_reply(&mut self) -> Reply {
+        next_reply(&mut self.replies, "a reply on the test's reply queue").await
+    }
+
+    pub async fn replies(&mut self, count: usize) -> Vec<Reply> {
+        let mut replies = Vec::with_capacity(count);
+        for _ in 0..count {
+            replies.push(self.next_reply().await);
+        }
+        replies
+    }
+
+    /// Waits until the request queue has no messages ready or unacked.
+    pub async fn wait_until_queue_drained(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let queue = self
+                .channel
+                .queue_declare(
+                    self.names.queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .expect("the request queue exists");
+            if queue.message_count() == 0 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the request queue still holds {} messages after {WAIT:?}",
+                queue.message_count()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.worker.http_addr, path).await
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.worker.stop().ok();
+        self.names.remove_all();
+    }
+}
+
+/// Declares a server-named exclusive queue, optionally bound to `exchange` with
+/// `binding`, and consumes it without acks.
+pub async fn listen(channel: &Channel, binding: Option<(&str, &str)>) -> (String, Consumer) {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare listener queue");
+    let name = queue.name().to_string();
+    if let Some((exchange, key)) = binding {
+        channel
+            .queue_bind(
+                name.as_str().into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind listener queue");
+    }
+    let consumer = channel
+        .basic_consume(
+            name.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume listener queue");
+    (name, consumer)
+}
+
+pub async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    properties: BasicProperties,
+    body: &[u8],
+) {
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await
+        .expect("publish request")
+        .await
+        .expect("request confirmed");
+    assert!(confirm.is_ack(), "the broker refused the request");
+}
+
+pub async fn next_reply(consumer: &mut Consumer, what: &str) -> Reply {
+    let delivery = tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within {WAIT:?}"))
+        .unwrap_or_else(|| panic!("consumer ended while waiting for {what}"))
+        .expect("delivery");
+    Reply {
+        body: serde_json::from_slice(&delivery.data).expect("reply body is JSON"),
+        raw: delivery.data.clone(),
+        properties: delivery.properties.clone(),
+        routing_key: delivery.routing_key.to_string(),
+    }
+}
+
+/// A minimal HTTP/1.0 GET, enough for /metrics and the health endpoints.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the HTTP listener");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .expect("send request");
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut response))
+        .await
+        .expect("HTTP response within the wait")
+        .expect("read response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("HTTP status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}

@@ -1,0 +1,10 @@
+//! Integration tests against the real RabbitMQ and PostgreSQL, driven through the
+//! broker as a publisher would. Each test has its own database and names.
+
+mod helpers;
+
+mod binary;
+mod invalid;
+mod ledger;
+mod outcomes;
+mod replies;

@@ -1,0 +1,174 @@
+//! Where replies go and what they carry (contract section 4), and the flow around
+//! them: several deliveries in flight, requests straight to the queue.
+
+use crate::helpers::{TestApp, listen, next_reply, publish};
+use lapin::BasicProperties;
+use lapin::options::BasicConsumeOptions;
+use lapin::types::FieldTable;
+use sqlx::Connection as _;
+
+#[tokio::test]
+async fn a_reply_carries_type_persistence_correlation_and_a_stable_message_id() {
+    let mut app = TestApp::spawn().await;
+    let item = app.create_item(10).await;
+    let props = app.props("k-props").with_correlation_id("corr-7".into());
+    app.publish_raw(
+        props,
+        format!(r#"{{"item_id":"{item}","delta":1}}"#).as_bytes(),
+    )
+    .await;
+    let reply = app.next_reply().await;
+    let p = &reply.properties;
+    assert_eq!(
+        p.content_type().as_ref().map(|s| s.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(
+        p.kind().as_ref().map(|s| s.as_str()),
+        Some("qty.adjust.applied")
+    );
+    assert_eq!(*p.delivery_mode(), Some(2));
+    assert_eq!(reply.correlation_id().as_deref(), Some("corr-7"));
+    let first_id = reply.message_id().expect("reply has a message_id");
+
+    // The duplicate's reply is the same reply, so it carries the same id.
+    let props = app.props("k-props").with_correlation_id("corr-7".into());
+    app.publish_raw(
+        props,
+        format!(r#"{{"item_id":"{item}","delta":1}}"#).as_bytes(),
+    )
+    .await;
+    let again = app.next_reply().await;
+    assert_eq!(again.message_id(), Some(first_id.clone()));
+    assert_eq!(again.raw, reply.raw);
+    assert_ne!(first_id, "k-props", "the reply id is derived, not copied");
+}
+
+#[tokio::test]
+async fn without_a_correlation_id_the_reply_correlates_by_message_id() {
+    let mut app = TestApp::spawn().await;
+    let item = app.create_item(1).await;
+    app.adjust("k-corr", item, 1).await;
+    assert_eq!(
+        app.next_reply().await.correlation_id().as_deref(),
+        Some("k-corr")
+    );
+}
+
+#[tokio::test]
+async fn without_reply_to_the_reply_is_an_event_on_the_exchange_by_outcome() {
+    let app = TestApp::spawn().await;
+    let (_, mut events) = listen(&app.channel, Some((&app.names.exchange, "qty.adjust.*"))).await;
+    let item = app.create_item(1).await;
+    for (key, delta) in [("k-ev-1", -1), ("k-ev-2", -1)] {
+        let props = BasicProperties::default().with_message_id(key.into());
+        app.publish_raw(
+            props,
+            format!(r#"{{"item_id":"{item}","delta":{delta}}}"#).as_bytes(),
+        )
+        .await;
+    }
+    let applied = next_reply(&mut events, "the applied event").await;
+    let rejected = next_reply(&mut events, "the rejected event").await;
+    assert_eq!(applied.routing_key, "qty.adjust.applied");
+    assert_eq!(rejected.routing_key, "qty.adjust.rejected");
+    assert_eq!(rejected.reason(), Some("insufficient_qty"));
+    // The listener queue only hears events; nothing came back as a request.
+    app.wait_until_queue_drained().await;
+    assert_eq!(app.ledger_rows().await, 2);
+    let missing = uuid::Uuid::new_v4();
+    let props = BasicProperties::default().with_message_id("k-ev-3".into());
+    app.publish_raw(
+        props,
+        format!(r#"{{"item_id":"{missing}","delta":1}}"#).as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        next_reply(&mut events, "the not_found event")
+            .await
+            .routing_key,
+        "qty.adjust.not_found"
+    );
+}
+
+#[tokio::test]
+async fn a_request_using_direct_reply_to_gets_its_reply_there() {
+    let app = TestApp::spawn().await;
+    let item = app.create_item(3).await;
+    let channel = app.connection.create_channel().await.expect("channel");
+    let mut direct = channel
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume direct reply-to");
+    let props = BasicProperties::default()
+        .with_message_id("k-direct".into())
+        .with_reply_to("amq.rabbitmq.reply-to".into());
+    channel
+        .basic_publish(
+            app.names.exchange.as_str().into(),
+            "qty.adjust".into(),
+            Default::default(),
+            format!(r#"{{"item_id":"{item}","delta":-2}}"#).as_bytes(),
+            props,
+        )
+        .await
+        .expect("publish");
+    let reply = next_reply(&mut direct, "the reply on direct reply-to").await;
+    assert_eq!(reply.body["qty"].as_i64(), Some(1));
+    assert_eq!(reply.correlation_id().as_deref(), Some("k-direct"));
+}
+
+#[tokio::test]
+async fn a_request_published_straight_to_the_queue_is_handled() {
+    let mut app = TestApp::spawn().await;
+    let item = app.create_item(0).await;
+    let body = format!(r#"{{"item_id":"{item}","delta":5}}"#);
+    publish(
+        &app.channel,
+        "",
+        &app.names.queue,
+        app.props("k-direct-queue"),
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(app.next_reply().await.body["qty"].as_i64(), Some(5));
+}
+
+#[tokio::test]
+async fn a_slow_transaction_does_not_stall_the_deliveries_behind_it() {
+    let mut app = TestApp::spawn().await;
+    let slow_item = app.create_item(10).await;
+    let other_item = app.create_item(10).await;
+
+    // Hold the first item's row lock so its adjustment waits in the database.
+    let mut blocker = sqlx::PgConnection::connect(&app.names.database_url())
+        .await
+        .expect("blocker");
+    let mut lock = blocker.begin().await.expect("begin");
+    sqlx::query("select 1 from items where id = $1 for update")
+        .bind(slow_item)
+        .execute(&mut *lock)
+        .await
+        .expect("lock row");
+
+    app.adjust("k-slow", slow_item, -1).await;
+    app.adjust("k-fast", other_item, -1).await;
+    let first = app.next_reply().await;
+    assert_eq!(
+        first.body["message_id"], "k-fast",
+        "the second request was answered first"
+    );
+
+    lock.rollback().await.expect("release the lock");
+    let second = app.next_reply().await;
+    assert_eq!(second.body["message_id"], "k-slow");
+    assert_eq!(second.body["qty"].as_i64(), Some(9));
+}
