@@ -106,6 +106,7 @@ async fn process(
             Verdict::for_invalid(&invalid)
         }
     };
+    ctx.metrics.record(&verdict);
     let span = Span::current();
     span.record("outcome", verdict.outcome.name());
     if let Some(reason) = verdict.outcome.reason() {
@@ -127,7 +128,6 @@ async fn process(
     if !send_reply(ctx, replies, &route, &verdict, lost).await {
         return Settled::Abandoned;
     }
-    ctx.metrics.record(&verdict);
     if !ack::ack(&delivery.acker).await {
         return Settled::Abandoned;
     }

@@ -326,6 +326,26 @@ impl TestApp {
         replies
     }
 
+    /// The next `count` replies keyed by the body's `message_id`; replies to
+    /// concurrent requests arrive in any order.
+    pub async fn replies_by_message_id(
+        &mut self,
+        count: usize,
+    ) -> std::collections::BTreeMap<String, Reply> {
+        let mut by_id = std::collections::BTreeMap::new();
+        for reply in self.replies(count).await {
+            let id = reply.body["message_id"]
+                .as_str()
+                .expect("reply names its message_id")
+                .to_owned();
+            assert!(
+                by_id.insert(id.clone(), reply).is_none(),
+                "two replies for {id}"
+            );
+        }
+        by_id
+    }
+
     /// Waits until the request queue has no messages ready or unacked.
     pub async fn wait_until_queue_drained(&self) {
         let deadline = tokio::time::Instant::now() + WAIT;

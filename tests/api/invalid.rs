@@ -83,10 +83,14 @@ async fn every_kind_of_broken_request_gets_a_specific_invalid_message_reply() {
     for (props, body, _) in &cases {
         app.publish_raw(props.clone(), body).await;
     }
-    let replies = app.replies(count).await;
-    for ((props, _, expected), reply) in cases.iter().zip(&replies) {
-        let id = props.message_id().as_ref().map(|s| s.to_string());
-        assert_eq!(reply.body["message_id"].as_str(), id.as_deref());
+    let replies = app.replies_by_message_id(count).await;
+    for (props, _, expected) in &cases {
+        let id = props
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .expect("cases have ids");
+        let reply = &replies[&id];
         assert_eq!(reply.outcome(), "rejected", "{id:?}");
         assert_eq!(reply.reason(), Some("invalid_message"), "{id:?}");
         assert_eq!(
@@ -97,10 +101,10 @@ async fn every_kind_of_broken_request_gets_a_specific_invalid_message_reply() {
     }
     // Readable parts are echoed, unreadable ones are null.
     assert_eq!(
-        replies[0].body["item_id"].as_str(),
+        replies["bad-1"].body["item_id"].as_str(),
         Some(item.to_string().as_str())
     );
-    assert!(replies[0].body["delta"].is_null());
+    assert!(replies["bad-1"].body["delta"].is_null());
 
     app.worker.stop().expect("the worker stops cleanly");
     app.wait_until_queue_drained().await;

@@ -13,7 +13,7 @@ async fn a_duplicate_replays_the_stored_reply_whatever_happened_since() {
     app.adjust("k-a", item, -2).await; // applied, qty 3
     app.adjust("k-r", item, -10).await; // rejected
     app.adjust("k-n", missing, 1).await; // not_found
-    let first = app.replies(3).await;
+    let first = app.replies_by_message_id(3).await;
 
     // Change the world: the item grows, the missing item appears.
     app.adjust("k-grow", item, 100).await;
@@ -27,14 +27,14 @@ async fn a_duplicate_replays_the_stored_reply_whatever_happened_since() {
     app.adjust("k-a", item, -2).await;
     app.adjust("k-r", item, -10).await;
     app.adjust("k-n", missing, 1).await;
-    let again = app.replies(3).await;
-    for (first, again) in first.iter().zip(&again) {
+    let again = app.replies_by_message_id(3).await;
+    for (id, first) in &first {
         assert_eq!(
-            String::from_utf8_lossy(&again.raw),
+            String::from_utf8_lossy(&again[id].raw),
             String::from_utf8_lossy(&first.raw)
         );
     }
-    assert_eq!(first[0].body["qty"].as_i64(), Some(3));
+    assert_eq!(first["k-a"].body["qty"].as_i64(), Some(3));
     assert_eq!(app.qty(item).await, 103, "the duplicates changed nothing");
     assert_eq!(app.qty(missing).await, 50);
     assert_eq!(app.ledger_rows().await, 4);
