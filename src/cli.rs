@@ -33,6 +33,8 @@ pub enum Command {
     Item(ItemCommand),
     /// Publish one request and print its reply (exit 0 applied, 3 not_found, 4 rejected).
     Adjust(AdjustArgs),
+    /// Load a running worker through the broker and print throughput and latency.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]

@@ -155,3 +155,22 @@ pub async fn adjust(connections: &Connections, args: AdjustArgs) -> anyhow::Resu
         _ => bail!("unexpected reply: {text}"),
     })
 }
+
+/// Runs `bench` and prints its report; exits 1 when an invariant is broken.
+pub async fn bench(
+    connections: &Connections,
+    args: crate::bench::BenchArgs,
+) -> anyhow::Result<ExitCode> {
+    let json = args.json;
+    let report = crate::bench::run(connections, args).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(if report.invariants_hold {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -16,10 +16,11 @@
 //! Around them: [`outcome`] (the one type behind reply, routing, metrics and logs),
 //! [`store`] (all SQL), [`broker`] (connection and topology), [`metrics`] and
 //! [`http`] (Prometheus, health), [`settings`], [`cli`], [`commands`] (operator
-//! commands) and [`telemetry`].
+//! commands), [`bench`] (the load tool) and [`telemetry`].
 
 pub mod ack;
 pub mod apply;
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod commands;

@@ -25,6 +25,7 @@ async fn main() -> ExitCode {
         Command::Migrate => commands::migrate(&cli.connections).await,
         Command::Item(item) => commands::item(&cli.connections, item).await,
         Command::Adjust(args) => commands::adjust(&cli.connections, args).await,
+        Command::Bench(args) => commands::bench(&cli.connections, args).await,
     };
     result.unwrap_or_else(|error| {
         eprintln!("error: {error:#}");
