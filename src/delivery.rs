@@ -6,16 +6,15 @@
 //! content's fault (a permanent database error, a panic) hand the delivery back
 //! to the queue, whose delivery limit dead-letters it if it keeps failing.
 
-use crate::apply::apply;
-use crate::decode::{RequestProps, decode};
+use crate::ack;
+use crate::apply::{Applier, Pending};
+use crate::decode::{Invalid, RequestProps, decode};
 use crate::metrics::{Health, Metrics};
 use crate::outcome::Verdict;
 use crate::reply::{self, ReplyRoute};
-use crate::{ack, store::StoreError};
 use futures::FutureExt as _;
 use lapin::message::Delivery;
 use lapin::{BasicProperties, Channel};
-use sqlx::PgPool;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,33 +23,46 @@ use tracing::{Instrument as _, Span};
 
 /// What every delivery handler shares.
 pub struct Context {
-    pub pool: PgPool,
+    pub applier: Applier,
     pub exchange: String,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
 }
 
-/// Handles one delivery to the end. `replies` is a confirm-mode channel on the same
-/// connection; `lost` fires when that connection is gone, at which point the
-/// delivery can no longer be acked and is left for the broker to redeliver.
-pub async fn handle(
-    ctx: Arc<Context>,
+/// Takes one delivery: decodes it and, when valid, submits it to the applier
+/// right away, so requests reach the database in delivery order. Returns the rest
+/// of its handling as a future to spawn. `replies` is a confirm-mode channel on
+/// the same connection; `lost` fires when that connection is gone, at which point
+/// the delivery can no longer be acked and is left for the broker to redeliver.
+pub fn receive(
+    ctx: &Arc<Context>,
     delivery: Delivery,
     replies: Channel,
     lost: CancellationToken,
-) {
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let started = Instant::now();
-    let acker = delivery.acker.clone();
     let span = delivery_span(&delivery);
     ctx.metrics.in_flight.inc();
     if delivery.redelivered {
         ctx.metrics.redelivered.inc();
     }
-    let outcome =
-        AssertUnwindSafe(process(&ctx, delivery, &replies, &lost).instrument(span.clone()))
-            .catch_unwind()
-            .await;
-    let _entered = span.enter();
+    let decoded = decode(&request_props(&delivery.properties), &delivery.data)
+        .map(|request| ctx.applier.submit(request));
+    finish(ctx.clone(), delivery, decoded, replies, lost, started).instrument(span)
+}
+
+async fn finish(
+    ctx: Arc<Context>,
+    delivery: Delivery,
+    decoded: Result<Pending, Box<Invalid>>,
+    replies: Channel,
+    lost: CancellationToken,
+    started: Instant,
+) {
+    let acker = delivery.acker.clone();
+    let outcome = AssertUnwindSafe(process(&ctx, delivery, decoded, &replies, &lost))
+        .catch_unwind()
+        .await;
     match outcome {
         Ok(Settled::Acked) => {
             ctx.metrics
@@ -85,18 +97,15 @@ enum Settled {
 async fn process(
     ctx: &Context,
     delivery: Delivery,
+    decoded: Result<Pending, Box<Invalid>>,
     replies: &Channel,
     lost: &CancellationToken,
 ) -> Settled {
-    let props = request_props(&delivery.properties);
-    let verdict = match decode(&props, &delivery.data) {
-        Ok(request) => match lost
-            .run_until_cancelled(apply(&ctx.pool, &request, &ctx.health, &ctx.metrics))
-            .await
-        {
+    let verdict = match decoded {
+        Ok(pending) => match lost.run_until_cancelled(pending.verdict()).await {
             Some(Ok(verdict)) => verdict,
             Some(Err(error)) => {
-                tracing::error!(error = %error, kind = store_error_kind(&error), "cannot apply the request");
+                tracing::error!(%error, "cannot apply the request");
                 return Settled::Requeue;
             }
             None => return Settled::Abandoned,
@@ -169,13 +178,6 @@ async fn send_reply(
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
-    }
-}
-
-fn store_error_kind(error: &StoreError) -> &'static str {
-    match error {
-        StoreError::Transient(_) => "transient",
-        StoreError::Permanent(_) => "permanent",
     }
 }
 

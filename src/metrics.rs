@@ -32,6 +32,7 @@ pub struct Metrics {
     pub processing_seconds: Histogram,
     pub dependency_errors: Family<DependencyLabels, Counter>,
     pub requeued: Counter,
+    pub batch_size: Histogram,
 }
 
 impl Default for Metrics {
@@ -85,7 +86,14 @@ impl Metrics {
             "Deliveries handed back to the queue after a failure not caused by their content",
             requeued.clone(),
         );
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 10));
+        registry.register(
+            "batch_size",
+            "Requests carried by one database transaction",
+            batch_size.clone(),
+        );
         Metrics {
+            batch_size,
             registry,
             adjustments,
             replayed,

@@ -7,6 +7,12 @@ use std::net::SocketAddr;
 /// How many deliveries are in flight at once unless `--prefetch` says otherwise.
 pub const DEFAULT_PREFETCH: u16 = 64;
 
+/// PostgreSQL connections (and concurrent transactions) unless `--db-pool` says otherwise.
+pub const DEFAULT_DB_POOL: u32 = 8;
+
+/// Requests per transaction at most unless `--batch-max` says otherwise.
+pub const DEFAULT_BATCH_MAX: u32 = 100;
+
 /// Connection settings shared by every subcommand.
 #[derive(Debug, Clone, Args)]
 pub struct Connections {
@@ -53,9 +59,13 @@ pub struct WorkerSettings {
     #[arg(long, env = "QTY_DELIVERY_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..1000))]
     pub delivery_limit: u32,
 
-    /// Largest number of PostgreSQL connections.
-    #[arg(long, env = "QTY_DB_POOL", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..1000))]
+    /// PostgreSQL connections, which is also how many transactions run at once.
+    #[arg(long, env = "QTY_DB_POOL", default_value_t = DEFAULT_DB_POOL, value_parser = clap::value_parser!(u32).range(1..1000))]
     pub db_pool: u32,
+
+    /// Most requests one transaction carries; 1 turns batching off.
+    #[arg(long, env = "QTY_BATCH_MAX", default_value_t = DEFAULT_BATCH_MAX, value_parser = clap::value_parser!(u32).range(1..10_000))]
+    pub batch_max: u32,
 
     /// Seconds a stop (SIGTERM, Ctrl-C) waits for in-flight deliveries to finish.
     #[arg(long, env = "QTY_DRAIN_SECS", default_value_t = 30)]

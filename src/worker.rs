@@ -6,6 +6,7 @@
 //! duplicates. On shutdown the consumer is cancelled first, then whatever is in
 //! flight is finished (replied and acked) within the drain time.
 
+use crate::apply::Applier;
 use crate::delivery::{self, Context};
 use crate::metrics::{Health, Metrics};
 use crate::settings::{Settings, redact};
@@ -58,8 +59,15 @@ impl Worker {
         let (http_addr, http) =
             http::serve(settings.worker.http_addr, health.clone(), metrics.clone()).await?;
         tracing::info!(%http_addr, "metrics and health listening");
-        let ctx = Arc::new(Context {
+        let applier = Applier::start(
             pool,
+            settings.worker.db_pool as usize,
+            settings.worker.batch_max as usize,
+            health.clone(),
+            metrics.clone(),
+        );
+        let ctx = Arc::new(Context {
+            applier,
             exchange: settings.connections.exchange.clone(),
             health,
             metrics,
@@ -198,8 +206,8 @@ impl Session {
     }
 
     fn spawn(&self, ctx: &Arc<Context>, in_flight: &mut JoinSet<()>, delivery: Delivery) {
-        in_flight.spawn(delivery::handle(
-            ctx.clone(),
+        in_flight.spawn(delivery::receive(
+            ctx,
             delivery,
             self.replies.clone(),
             self.lost.clone(),
@@ -222,8 +230,8 @@ impl Session {
         let finish = async {
             if cancelled.is_ok() {
                 while let Some(Ok(delivery)) = self.consumer.next().await {
-                    in_flight.spawn(delivery::handle(
-                        worker.ctx.clone(),
+                    in_flight.spawn(delivery::receive(
+                        &worker.ctx,
                         delivery,
                         self.replies.clone(),
                         self.lost.clone(),

@@ -67,7 +67,8 @@ impl Names {
                 prefetch: 32,
                 http_addr: "127.0.0.1:0".parse().expect("valid address"),
                 delivery_limit: 10,
-                db_pool: 8,
+                db_pool: 4,
+                batch_max: 100,
                 drain_secs: 10,
             },
         }

@@ -68,7 +68,7 @@ async fn without_reply_to_the_reply_is_an_event_on_the_exchange_by_outcome() {
         )
         .await;
     }
-    let mut events_seen = vec![
+    let mut events_seen = [
         next_reply(&mut events, "the first event").await,
         next_reply(&mut events, "the second event").await,
     ];
