@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod batching;
 mod binary;
 mod invalid;
 mod ledger;
