@@ -48,6 +48,9 @@ pub enum DecodeError {
     MissingMessageId,
     #[error("message_id property must not be empty")]
     EmptyMessageId,
+    /// PostgreSQL text cannot hold NUL, so such a key could never be recorded.
+    #[error("message_id property must not contain NUL characters")]
+    NulInMessageId,
     #[error("content_type must be application/json, got {0:?}")]
     WrongContentType(String),
     #[error("content_type charset must be utf-8, got {0:?}")]
@@ -128,7 +131,10 @@ pub fn decode(props: &RequestProps, body: &[u8]) -> Result<Request, Box<Invalid>
     let property_error = check_properties(props).err();
     let fields = read_body(body);
     let error = property_error.or(fields.error);
-    let message_id = props.message_id.clone().filter(|id| !id.is_empty());
+    let message_id = props
+        .message_id
+        .clone()
+        .filter(|id| !id.is_empty() && !id.contains('\0'));
     match (error, message_id, fields.item_id, fields.delta) {
         (None, Some(message_id), Some(item_id), Some(delta)) => Ok(Request {
             message_id,
@@ -149,6 +155,7 @@ fn check_properties(props: &RequestProps) -> Result<(), DecodeError> {
     match props.message_id.as_deref() {
         None => return Err(DecodeError::MissingMessageId),
         Some("") => return Err(DecodeError::EmptyMessageId),
+        Some(id) if id.contains('\0') => return Err(DecodeError::NulInMessageId),
         Some(_) => {}
     }
     if let Some(encoding) = &props.content_encoding {

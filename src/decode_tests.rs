@@ -265,6 +265,13 @@ fn wrong_properties_are_named() {
         ),
         (
             RequestProps {
+                message_id: Some("a\0b".into()),
+                ..props()
+            },
+            "message_id property must not contain NUL characters",
+        ),
+        (
+            RequestProps {
                 content_type: Some("text/plain".into()),
                 ..props()
             },

@@ -46,23 +46,51 @@ pub fn receive(
     if delivery.redelivered {
         ctx.metrics.redelivered.inc();
     }
-    let decoded = decode(&request_props(&delivery.properties), &delivery.data)
-        .map(|request| ctx.applier.submit(request));
+    // Decoding is pure and should never panic; if it ever does, the delivery is
+    // handed back like any other failure rather than taking the consumer down.
+    let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        inject_fault(&delivery);
+        decode(&request_props(&delivery.properties), &delivery.data)
+            .map(|request| ctx.applier.submit(request))
+    }));
     finish(ctx.clone(), delivery, decoded, replies, lost, started).instrument(span)
 }
+
+/// With the `fault-injection` feature, a delivery whose message_id starts with
+/// `fault:panic` panics before anything is applied: the stand-in for a poison
+/// message in the fault tests.
+fn inject_fault(_delivery: &Delivery) {
+    #[cfg(feature = "fault-injection")]
+    if _delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .is_some_and(|id| id.as_str().starts_with("fault:panic"))
+    {
+        panic!("fault injection: this delivery always fails");
+    }
+}
+
+/// What `receive` made of the delivery: a pending verdict, a rejection, or a panic.
+type Decoded = std::thread::Result<Result<Pending, Box<Invalid>>>;
 
 async fn finish(
     ctx: Arc<Context>,
     delivery: Delivery,
-    decoded: Result<Pending, Box<Invalid>>,
+    decoded: Decoded,
     replies: Channel,
     lost: CancellationToken,
     started: Instant,
 ) {
     let acker = delivery.acker.clone();
-    let outcome = AssertUnwindSafe(process(&ctx, delivery, decoded, &replies, &lost))
-        .catch_unwind()
-        .await;
+    let outcome = match decoded {
+        Ok(decoded) => {
+            AssertUnwindSafe(process(&ctx, delivery, decoded, &replies, &lost))
+                .catch_unwind()
+                .await
+        }
+        Err(panic) => Err(panic),
+    };
     match outcome {
         Ok(Settled::Acked) => {
             ctx.metrics
@@ -101,6 +129,15 @@ async fn process(
     replies: &Channel,
     lost: &CancellationToken,
 ) -> Settled {
+    #[cfg(feature = "fault-injection")]
+    if delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .is_some_and(|id| id.as_str().starts_with("fault:panic"))
+    {
+        panic!("fault injection: this delivery always fails");
+    }
     let verdict = match decoded {
         Ok(pending) => match lost.run_until_cancelled(pending.verdict()).await {
             Some(Ok(verdict)) => verdict,

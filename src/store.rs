@@ -181,6 +181,12 @@ impl AdjustRow {
     }
 }
 
+/// Whether the database answers a trivial query within `within`.
+pub async fn ping(pool: &PgPool, within: Duration) -> bool {
+    let query = sqlx::query("select 1").execute(pool);
+    matches!(tokio::time::timeout(within, query).await, Ok(Ok(_)))
+}
+
 /// An item as the operator CLI shows it.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
 pub struct Item {

@@ -56,8 +56,13 @@ impl Worker {
         let health = Arc::new(Health::default());
         health.set_database(true);
         let metrics = Arc::new(Metrics::new());
-        let (http_addr, http) =
-            http::serve(settings.worker.http_addr, health.clone(), metrics.clone()).await?;
+        let (http_addr, http) = http::serve(
+            settings.worker.http_addr,
+            health.clone(),
+            metrics.clone(),
+            pool.clone(),
+        )
+        .await?;
         tracing::info!(%http_addr, "metrics and health listening");
         let applier = Applier::start(
             pool,

@@ -88,7 +88,12 @@ impl Names {
                     Connection::connect(AMQP_URL, ConnectionProperties::default()).await
                     && let Ok(channel) = connection.create_channel().await
                 {
-                    for queue in [names.queue.clone(), format!("{}.dead", names.queue)] {
+                    let queues = [
+                        names.queue.clone(),
+                        format!("{}.dead", names.queue),
+                        format!("{}.replies", names.queue),
+                    ];
+                    for queue in queues {
                         channel
                             .queue_delete(queue.into(), QueueDeleteOptions::default())
                             .await

@@ -1,0 +1,594 @@
+//! The fault harness: real worker processes behind TCP proxies, a publisher that
+//! keeps publishing through faults, and the invariant check run after each run.
+//! Shared by the fault tests and by `examples/chaos.rs`.
+
+use crate::helpers::{AMQP_URL, Names, WAIT, http_get};
+use crate::proxy::Proxy;
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use sqlx::PgPool;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// One request the publisher sent (perhaps more than once).
+#[derive(Clone, Debug)]
+pub struct Sent {
+    pub message_id: String,
+    pub item: Uuid,
+    pub delta: i64,
+}
+
+/// A worker process of the scenario.
+pub struct WorkerProcess {
+    pub child: Child,
+    pub http_port: u16,
+    pub log: PathBuf,
+}
+
+/// What a finished run found.
+#[derive(Debug, Default)]
+pub struct Verdicts {
+    pub messages: usize,
+    pub replies: usize,
+    pub lost: usize,
+    pub applied_twice: usize,
+    pub unanswered: usize,
+    pub violations: Vec<String>,
+}
+
+pub struct Scenario {
+    pub names: Names,
+    pub pg_proxy: Proxy,
+    pub amqp_proxy: Proxy,
+    pub pool: PgPool,
+    pub workers: Vec<WorkerProcess>,
+    pub items: Vec<(Uuid, i64)>,
+    pub sent: Vec<Sent>,
+    pub poison: Vec<String>,
+    /// Workers the test killed on purpose; any other exit is a violation.
+    killed: usize,
+    label: String,
+}
+
+impl Scenario {
+    /// A fresh database and names, proxies in front of both servers, and `items`
+    /// items with `start_qty` each.
+    pub async fn new(label: &str, items: usize, start_qty: i64) -> Scenario {
+        let names = Names::random();
+        let pool = qty_worker::store::connect(&names.database_url(), 4)
+            .await
+            .expect("create the database");
+        qty_worker::store::migrate(&pool).await.expect("migrate");
+        let mut created = Vec::with_capacity(items);
+        for _ in 0..items {
+            let id = Uuid::new_v4();
+            qty_worker::store::create_item(&pool, id, start_qty)
+                .await
+                .expect("create item");
+            created.push((id, start_qty));
+        }
+        let pg_proxy = Proxy::start("127.0.0.1:5432".parse().expect("address")).await;
+        let amqp_proxy = Proxy::start("127.0.0.1:5672".parse().expect("address")).await;
+        Scenario {
+            names,
+            pg_proxy,
+            amqp_proxy,
+            pool,
+            workers: Vec::new(),
+            items: created,
+            sent: Vec::new(),
+            poison: Vec::new(),
+            killed: 0,
+            label: label.to_owned(),
+        }
+    }
+
+    pub fn reply_queue(&self) -> String {
+        format!("{}.replies", self.names.queue)
+    }
+
+    /// Starts a worker process behind the proxies and waits until it consumes.
+    pub async fn start_worker(&mut self) {
+        let http_port = free_port();
+        let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fault-logs");
+        std::fs::create_dir_all(&log_dir).expect("log dir");
+        let log = log_dir.join(format!(
+            "{}-{}-{}.log",
+            self.label,
+            self.names.database,
+            self.workers.len()
+        ));
+        let child = Command::new(env!("CARGO_BIN_EXE_qty-worker"))
+            .arg("run")
+            .env(
+                "AMQP_URL",
+                format!(
+                    "amqp://guest:guest@{}/%2f?heartbeat=2",
+                    self.amqp_proxy.addr
+                ),
+            )
+            .env(
+                "DATABASE_URL",
+                format!(
+                    "postgres://postgres@{}/{}?application_name=qty-worker-fault",
+                    self.pg_proxy.addr, self.names.database
+                ),
+            )
+            .env("QTY_EXCHANGE", &self.names.exchange)
+            .env("QTY_QUEUE", &self.names.queue)
+            .env("QTY_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
+            .env("QTY_DELIVERY_LIMIT", "5")
+            .env("QTY_PREFETCH", "100")
+            .env("QTY_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info,qty_worker::delivery=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn qty-worker");
+        self.workers.push(WorkerProcess {
+            child,
+            http_port,
+            log,
+        });
+        let index = self.workers.len() - 1;
+        self.wait_ready(index).await;
+        self.ensure_reply_queue().await;
+    }
+
+    /// Waits until worker `index` answers /readyz with 200.
+    pub async fn wait_ready(&mut self, index: usize) {
+        let deadline = Instant::now() + WAIT * 2;
+        loop {
+            if self.readyz(index).await == Some(200) {
+                return;
+            }
+            if let Some(status) = self.workers[index].child.try_wait().expect("poll worker") {
+                panic!(
+                    "worker {index} exited ({status}) before it was ready; see {:?}",
+                    self.workers[index].log
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker {index} not ready in time; see {:?}",
+                self.workers[index].log
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Worker `index`'s /readyz status, or None while it does not answer.
+    pub async fn readyz(&self, index: usize) -> Option<u16> {
+        let addr = format!("127.0.0.1:{}", self.workers[index].http_port)
+            .parse()
+            .expect("address");
+        let connect = tokio::net::TcpStream::connect(addr).await;
+        match connect {
+            Ok(_) => Some(http_get(addr, "/readyz").await.0),
+            Err(_) => None,
+        }
+    }
+
+    async fn ensure_reply_queue(&self) {
+        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .expect("broker");
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .queue_declare(
+                self.reply_queue().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare the reply queue");
+        connection.close(200, "ok".into()).await.ok();
+    }
+
+    /// Plans `count` requests over the items: mostly small takes, some adds.
+    pub fn plan(&self, count: usize, seed: u64) -> Vec<Sent> {
+        let mut state = seed;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            state >> 33
+        };
+        (0..count)
+            .map(|n| Sent {
+                message_id: format!("{}-{seed}-{n}", self.label),
+                item: self.items[(next() as usize) % self.items.len()].0,
+                delta: (next() % 7) as i64 - 4,
+            })
+            .collect()
+    }
+
+    /// Publishes `requests` at about `per_second`, through every broker fault:
+    /// each request is republished until the broker confirms it.
+    pub fn spawn_publisher(
+        &mut self,
+        requests: Vec<Sent>,
+        per_second: u64,
+    ) -> tokio::task::JoinHandle<usize> {
+        self.sent.extend(requests.iter().cloned());
+        let exchange = self.names.exchange.clone();
+        let reply_queue = self.reply_queue();
+        tokio::spawn(async move {
+            publish_through_faults(&exchange, &reply_queue, &requests, per_second).await
+        })
+    }
+
+    /// Publishes one request that makes the worker panic (fault-injection build).
+    pub async fn publish_poison(&mut self, message_id: &str) {
+        let item = self.items[0].0;
+        let poison = Sent {
+            message_id: format!("fault:panic:{message_id}"),
+            item,
+            delta: -1,
+        };
+        self.poison.push(poison.message_id.clone());
+        publish_through_faults(&self.names.exchange, &self.reply_queue(), &[poison], 0).await;
+    }
+
+    /// Ledger rows recorded so far.
+    pub async fn recorded(&self) -> usize {
+        let rows: i64 = sqlx::query_scalar("select count(*) from adjustments")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(0);
+        rows as usize
+    }
+
+    /// Waits until the ledger holds at least `count` rows.
+    pub async fn wait_recorded(&self, count: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let now = self.recorded().await;
+            if now >= count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {now} of {count} requests recorded within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILLs worker `index`.
+    pub fn kill_worker(&mut self, index: usize) {
+        self.workers[index]
+            .child
+            .kill()
+            .expect("SIGKILL the worker");
+        self.workers[index].child.wait().expect("reap the worker");
+        self.killed += 1;
+    }
+
+    /// Terminates every PostgreSQL session the workers hold.
+    pub async fn terminate_db_sessions(&self) -> usize {
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'qty-worker-fault' and datname = $1",
+        )
+        .bind(&self.names.database)
+        .fetch_all(&self.pool)
+        .await
+        .expect("terminate sessions");
+        killed.len()
+    }
+
+    /// Stops every live worker with SIGTERM and checks the invariants.
+    pub async fn finish(mut self) -> Verdicts {
+        let mut verdicts = Verdicts::default();
+        let expected_running = self.workers.len() - self.killed;
+        let mut running = 0;
+        for (index, worker) in self.workers.iter_mut().enumerate() {
+            if let Some(status) = worker.child.try_wait().expect("poll worker") {
+                if status.code().is_some() {
+                    verdicts.violations.push(format!(
+                        "worker {index} exited on its own ({status}); see {:?}",
+                        worker.log
+                    ));
+                }
+                continue;
+            }
+            running += 1;
+            terminate(
+                &mut worker.child,
+                index,
+                &worker.log,
+                &mut verdicts.violations,
+            )
+            .await;
+        }
+        if running != expected_running {
+            verdicts.violations.push(format!(
+                "{running} workers running at the end, expected {expected_running}"
+            ));
+        }
+        self.check(&mut verdicts).await;
+        verdicts
+    }
+
+    async fn check(&self, verdicts: &mut Verdicts) {
+        let replies = drain_queue(&self.reply_queue()).await;
+        let leftover = drain_queue(&self.names.queue).await;
+        let dead = drain_queue(&format!("{}.dead", self.names.queue)).await;
+        let v = &mut verdicts.violations;
+
+        let mut by_id: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+        for body in &replies {
+            let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            let id = value["message_id"].as_str().unwrap_or_default().to_owned();
+            by_id.entry(id).or_default().push(body.clone());
+        }
+        let ledger: Vec<(String, Uuid, i64, String)> =
+            sqlx::query_as("select message_id, item_id, delta, outcome from adjustments")
+                .fetch_all(&self.pool)
+                .await
+                .expect("read the ledger");
+        let recorded: HashMap<&str, &(String, Uuid, i64, String)> =
+            ledger.iter().map(|r| (r.0.as_str(), r)).collect();
+
+        let mut distinct: HashMap<&str, &Sent> = HashMap::new();
+        for sent in &self.sent {
+            distinct.insert(sent.message_id.as_str(), sent);
+        }
+        verdicts.messages = distinct.len();
+        verdicts.replies = replies.len();
+        for (id, sent) in &distinct {
+            match recorded.get(id) {
+                None => verdicts.lost += 1,
+                Some(row) if row.1 != sent.item || row.2 != sent.delta => {
+                    v.push(format!("{id}: ledger payload differs"))
+                }
+                Some(_) => {}
+            }
+            match by_id.get(*id) {
+                None => verdicts.unanswered += 1,
+                Some(bodies) if bodies.iter().any(|b| b != &bodies[0]) => {
+                    v.push(format!("{id}: replies differ"))
+                }
+                Some(bodies) => {
+                    let value: serde_json::Value =
+                        serde_json::from_slice(&bodies[0]).unwrap_or_default();
+                    if recorded
+                        .get(id)
+                        .is_some_and(|row| value["outcome"] != row.3.as_str())
+                    {
+                        v.push(format!("{id}: the reply's outcome is not the ledger's"));
+                    }
+                }
+            }
+        }
+        for poison in &self.poison {
+            if recorded.contains_key(poison.as_str()) {
+                v.push(format!("poison {poison} was recorded"));
+            }
+        }
+
+        // qty = start + applied deltas (each recorded once, by the primary key),
+        // so any double application shows here.
+        for (item, start) in &self.items {
+            let applied: i64 = ledger
+                .iter()
+                .filter(|r| r.1 == *item && r.3 == "applied")
+                .map(|r| r.2)
+                .sum();
+            let qty: i64 = sqlx::query_scalar("select qty from items where id = $1")
+                .bind(item)
+                .fetch_one(&self.pool)
+                .await
+                .expect("item");
+            if qty != start + applied {
+                verdicts.applied_twice += 1;
+                v.push(format!(
+                    "item {item}: qty {qty} but start {start} + applied {applied}"
+                ));
+            }
+            if qty < 0 {
+                v.push(format!("item {item}: negative qty {qty}"));
+            }
+        }
+        if !leftover.is_empty() {
+            v.push(format!("{} requests left in the queue", leftover.len()));
+        }
+        if dead.len() != self.poison.len() {
+            v.push(format!(
+                "{} dead-lettered, expected {} (the poison only)",
+                dead.len(),
+                self.poison.len()
+            ));
+        }
+        if verdicts.lost > 0 {
+            v.push(format!("{} requests never recorded", verdicts.lost));
+        }
+        if verdicts.unanswered > 0 {
+            v.push(format!("{} requests never answered", verdicts.unanswered));
+        }
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        for worker in &mut self.workers {
+            worker.child.kill().ok();
+            worker.child.wait().ok();
+        }
+        self.names.remove_all();
+    }
+}
+
+async fn terminate(child: &mut Child, index: usize, log: &PathBuf, violations: &mut Vec<String>) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
+    let deadline = Instant::now() + WAIT * 2;
+    loop {
+        if let Some(status) = child.try_wait().expect("poll worker") {
+            if status.code() != Some(0) {
+                violations.push(format!(
+                    "worker {index} exited {status} after SIGTERM; see {log:?}"
+                ));
+            }
+            return;
+        }
+        if Instant::now() > deadline {
+            violations.push(format!(
+                "worker {index} still running {:?} after SIGTERM",
+                WAIT * 2
+            ));
+            child.kill().ok();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Takes every message from `queue` (acking it) and returns the bodies.
+async fn drain_queue(queue: &str) -> Vec<Vec<u8>> {
+    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut bodies = Vec::new();
+    while let Ok(Some(message)) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+    {
+        bodies.push(message.delivery.data.clone());
+    }
+    connection.close(200, "ok".into()).await.ok();
+    bodies
+}
+
+/// Publishes each request until confirmed, reconnecting as often as it takes.
+/// Returns how many publishes were retried.
+pub async fn publish_through_faults(
+    exchange: &str,
+    reply_queue: &str,
+    requests: &[Sent],
+    per_second: u64,
+) -> usize {
+    let retries = AtomicUsize::new(0);
+    let started = Instant::now();
+    let mut link: Option<(Connection, lapin::Channel)> = None;
+    for (n, request) in requests.iter().enumerate() {
+        if per_second > 0 {
+            let due = started + Duration::from_secs_f64(n as f64 / per_second as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let body =
+            serde_json::json!({ "item_id": request.item, "delta": request.delta }).to_string();
+        loop {
+            if link.is_none() {
+                link = connect_publisher().await;
+                if link.is_none() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+            let (_, channel) = link.as_ref().expect("connected");
+            let properties = BasicProperties::default()
+                .with_message_id(request.message_id.as_str().into())
+                .with_reply_to(reply_queue.into())
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2);
+            let confirmed = match channel
+                .basic_publish(
+                    exchange.into(),
+                    "qty.adjust".into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    properties,
+                )
+                .await
+            {
+                Ok(confirm) => confirm.await.map(|c| c.is_ack()).unwrap_or(false),
+                Err(_) => false,
+            };
+            if confirmed {
+                break;
+            }
+            retries.fetch_add(1, Ordering::Relaxed);
+            link = None;
+        }
+    }
+    if let Some((connection, _)) = link {
+        connection.close(200, "done".into()).await.ok();
+    }
+    retries.into_inner()
+}
+
+async fn connect_publisher() -> Option<(Connection, lapin::Channel)> {
+    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .ok()?;
+    let channel = connection.create_channel().await.ok()?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .ok()?;
+    Some((connection, channel))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+/// Runs `command` and fails loudly when it does.
+pub fn sh(command: &str) {
+    let status = Command::new("bash")
+        .arg("-c")
+        .arg(command)
+        .status()
+        .expect("run a shell command");
+    assert!(status.success(), "`{command}` failed with {status}");
+}
+
+/// Puts a service back when dropped, even when the test failed half-way.
+pub struct Restore {
+    pub check: &'static str,
+    pub start: &'static str,
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let up = || {
+            Command::new("bash")
+                .arg("-c")
+                .arg(self.check)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !up() {
+            Command::new("bash").arg("-c").arg(self.start).status().ok();
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !up() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+pub const POSTGRES_UP: &str = "pg_isready -q -h 127.0.0.1 -p 5432";
+pub const POSTGRES_START: &str =
+    "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start";
+pub const RABBITMQ_UP: &str = "rabbitmq-diagnostics -q check_port_connectivity >/dev/null 2>&1";
+/// `await_startup` fails at once while the Erlang node is still booting, so poll.
+pub const RABBITMQ_START: &str = "rabbitmq-server -detached; for _ in $(seq 1 240); do \
+    rabbitmq-diagnostics -q check_port_connectivity >/dev/null 2>&1 && exit 0; sleep 0.5; done; exit 1";
