@@ -97,7 +97,9 @@ impl Scenario {
     /// Starts a worker process behind the proxies and waits until it consumes.
     pub async fn start_worker(&mut self) {
         let http_port = free_port();
-        let log_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fault-logs");
+        let log_dir = option_env!("CARGO_TARGET_TMPDIR")
+            .map_or_else(std::env::temp_dir, PathBuf::from)
+            .join("fault-logs");
         std::fs::create_dir_all(&log_dir).expect("log dir");
         let log = log_dir.join(format!(
             "{}-{}-{}.log",
@@ -105,7 +107,7 @@ impl Scenario {
             self.names.database,
             self.workers.len()
         ));
-        let child = Command::new(env!("CARGO_BIN_EXE_qty-worker"))
+        let child = Command::new(worker_binary())
             .arg("run")
             .env(
                 "AMQP_URL",
@@ -540,6 +542,21 @@ async fn connect_publisher() -> Option<(Connection, lapin::Channel)> {
         .await
         .ok()?;
     Some((connection, channel))
+}
+
+/// The worker binary: cargo names it for tests; an example finds it beside itself.
+fn worker_binary() -> PathBuf {
+    match option_env!("CARGO_BIN_EXE_qty-worker") {
+        Some(path) => PathBuf::from(path),
+        None => {
+            let example = std::env::current_exe().expect("own path");
+            example
+                .parent()
+                .and_then(|examples| examples.parent())
+                .expect("target dir")
+                .join("qty-worker")
+        }
+    }
 }
 
 fn free_port() -> u16 {

@@ -1,0 +1,198 @@
+//! The long-run mode of the fault harness: two workers, a steady stream of
+//! requests, and a fault of every kind in turn until the time is up. Prints
+//! Jepsen-style counts and how long the system took to resume after each kind.
+//!
+//! ```sh
+//! cargo run --release --features fault-injection --example chaos -- --messages 100000 --minutes 10
+//! ```
+//!
+//! It restarts the local RabbitMQ and PostgreSQL: run it on a machine of your own.
+
+#[path = "../tests/faults/harness.rs"]
+mod harness;
+#[path = "../tests/api/helpers.rs"]
+#[allow(dead_code)]
+mod helpers;
+#[path = "../tests/faults/proxy.rs"]
+#[allow(dead_code)]
+mod proxy;
+
+use clap::Parser;
+use harness::{POSTGRES_START, POSTGRES_UP, RABBITMQ_START, RABBITMQ_UP, Restore, Scenario, sh};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+struct Args {
+    /// Requests to publish over the run.
+    #[arg(long, default_value_t = 100_000)]
+    messages: usize,
+    /// Length of the faulty part of the run.
+    #[arg(long, default_value_t = 10)]
+    minutes: u64,
+    /// Items the requests are spread over.
+    #[arg(long, default_value_t = 20)]
+    items: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    KillWorker,
+    TerminateDbSessions,
+    CloseBrokerConnections,
+    CutBrokerLink,
+    CutDatabaseLink,
+    StallBrokerLink,
+    StallDatabaseLink,
+    RestartRabbitmq,
+    RestartPostgres,
+    Poison,
+}
+
+const ROTATION: [Fault; 10] = [
+    Fault::KillWorker,
+    Fault::TerminateDbSessions,
+    Fault::CutBrokerLink,
+    Fault::CloseBrokerConnections,
+    Fault::CutDatabaseLink,
+    Fault::StallBrokerLink,
+    Fault::Poison,
+    Fault::StallDatabaseLink,
+    Fault::RestartPostgres,
+    Fault::RestartRabbitmq,
+];
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let run_for = Duration::from_secs(args.minutes * 60);
+    let mut s = Scenario::new("chaos", args.items, 1_000_000_000).await;
+    s.start_worker().await;
+    s.start_worker().await;
+    let mut live: Vec<usize> = vec![0, 1];
+    let rate = (args.messages as f64 / run_for.as_secs_f64()).ceil() as u64;
+    let publisher = s.spawn_publisher(s.plan(args.messages, 42), rate);
+    println!(
+        "publishing {} requests at {rate}/s for {} min, 2 workers",
+        args.messages, args.minutes
+    );
+
+    let started = Instant::now();
+    let mut injected: BTreeMap<Fault, usize> = BTreeMap::new();
+    let mut recovery: BTreeMap<Fault, Vec<Duration>> = BTreeMap::new();
+    let mut turn = 0;
+    while started.elapsed() + Duration::from_secs(20) < run_for && !publisher.is_finished() {
+        let fault = ROTATION[turn % ROTATION.len()];
+        turn += 1;
+        inject(&mut s, &mut live, fault, turn).await;
+        *injected.entry(fault).or_default() += 1;
+        let resumed = time_to_progress(&s, 20, Duration::from_secs(180)).await;
+        recovery.entry(fault).or_default().push(resumed);
+        println!(
+            "{:>6.0}s  {fault:?}: progress again after {:.2}s",
+            started.elapsed().as_secs_f64(),
+            resumed.as_secs_f64()
+        );
+        tokio::time::sleep(Duration::from_secs(8)).await;
+    }
+    let retries = publisher.await.expect("publisher");
+    let total = s.sent.len();
+    let distinct = s
+        .sent
+        .iter()
+        .map(|m| m.message_id.as_str())
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    s.wait_recorded(distinct, Duration::from_secs(600)).await;
+    let verdicts = s.finish().await;
+
+    println!(
+        "\n== chaos run: {:.1} min",
+        started.elapsed().as_secs_f64() / 60.0
+    );
+    println!(
+        "messages        {total} published ({retries} publishes retried), {} distinct",
+        verdicts.messages
+    );
+    println!("replies         {}", verdicts.replies);
+    println!("lost            {}", verdicts.lost);
+    println!("applied twice   {}", verdicts.applied_twice);
+    println!("unanswered      {}", verdicts.unanswered);
+    println!("faults injected:");
+    for (fault, count) in &injected {
+        let times = &recovery[fault];
+        let worst = times.iter().max().copied().unwrap_or_default();
+        let mean = times.iter().sum::<Duration>() / times.len().max(1) as u32;
+        println!(
+            "  {fault:<24?} {count:>3}   recovery mean {:>6.2}s  max {:>6.2}s",
+            mean.as_secs_f64(),
+            worst.as_secs_f64()
+        );
+    }
+    if verdicts.violations.is_empty() {
+        println!("invariants      hold");
+    } else {
+        println!("invariants      BROKEN: {:#?}", verdicts.violations);
+        std::process::exit(1);
+    }
+}
+
+async fn inject(s: &mut Scenario, live: &mut Vec<usize>, fault: Fault, turn: usize) {
+    match fault {
+        Fault::KillWorker => {
+            let victim = live.remove(turn % live.len());
+            s.kill_worker(victim);
+            s.start_worker().await;
+            live.push(s.workers.len() - 1);
+        }
+        Fault::TerminateDbSessions => {
+            s.terminate_db_sessions().await;
+        }
+        Fault::CloseBrokerConnections => sh("rabbitmqctl -q close_all_connections chaos"),
+        Fault::CutBrokerLink => s.amqp_proxy.cut(),
+        Fault::CutDatabaseLink => s.pg_proxy.cut(),
+        Fault::StallBrokerLink => {
+            s.amqp_proxy.stall();
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            s.amqp_proxy.resume();
+        }
+        Fault::StallDatabaseLink => {
+            s.pg_proxy.stall();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            s.pg_proxy.resume();
+        }
+        Fault::RestartRabbitmq => {
+            let _restore = Restore {
+                check: RABBITMQ_UP,
+                start: RABBITMQ_START,
+            };
+            sh("rabbitmqctl -q shutdown");
+            sh(RABBITMQ_START);
+        }
+        Fault::RestartPostgres => {
+            let _restore = Restore {
+                check: POSTGRES_UP,
+                start: POSTGRES_START,
+            };
+            sh(
+                "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main restart -m fast",
+            );
+            s.pool.close().await;
+            s.pool = sqlx::PgPool::connect(&s.names.database_url())
+                .await
+                .expect("reconnect the harness");
+        }
+        Fault::Poison => s.publish_poison(&format!("chaos-{turn}")).await,
+    }
+}
+
+/// Time until the ledger has grown by `rows` from now.
+async fn time_to_progress(s: &Scenario, rows: usize, within: Duration) -> Duration {
+    let from = s.recorded().await;
+    let started = Instant::now();
+    while s.recorded().await < from + rows {
+        assert!(started.elapsed() < within, "no progress within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
