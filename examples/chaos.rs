@@ -123,8 +123,9 @@ async fn main() {
         let times = &recovery[fault];
         let worst = times.iter().max().copied().unwrap_or_default();
         let mean = times.iter().sum::<Duration>() / times.len().max(1) as u32;
+        let name = format!("{fault:?}");
         println!(
-            "  {fault:<24?} {count:>3}   recovery mean {:>6.2}s  max {:>6.2}s",
+            "  {name:<24} {count:>3}   recovery mean {:>6.2}s  max {:>6.2}s",
             mean.as_secs_f64(),
             worst.as_secs_f64()
         );

@@ -134,9 +134,9 @@ pub async fn connect(amqp_url: &str, connection_name: &str) -> anyhow::Result<Co
         .with_connection_name(LongString::from(connection_name.as_bytes().to_vec()));
     Connection::connect_uri(uri, properties)
         .await
-        .with_context(|| {
-            format!(
-                "cannot reach RabbitMQ at {}",
+        .map_err(|error| {
+            anyhow::anyhow!(
+                "cannot reach RabbitMQ at {}: {error} (is it running? set AMQP_URL)",
                 crate::settings::redact(amqp_url)
             )
         })

@@ -14,6 +14,10 @@ pub struct Cli {
     #[command(flatten)]
     pub connections: Connections,
 
+    /// Print command results as JSON (the default when stdout is not a terminal).
+    #[arg(long, global = true)]
+    pub json: bool,
+
     /// Log format; defaults to pretty on a terminal and json otherwise.
     #[arg(long, env = "QTY_LOG_FORMAT", value_enum, global = true)]
     pub log_format: Option<LogFormat>,
@@ -28,9 +32,19 @@ pub enum Command {
     Run(WorkerSettings),
     /// Create the database if missing and apply migrations, then exit.
     Migrate,
-    /// Create or show items.
+    /// Create, show or list items.
     #[command(subcommand)]
     Item(ItemCommand),
+    /// Show an item's adjustment history, newest first.
+    Ledger {
+        item_id: Uuid,
+        /// Most rows to show.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Inspect or replay the dead-letter queue.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
     /// Publish one request and print its reply (exit 0 applied, 3 not_found, 4 rejected).
     Adjust(AdjustArgs),
     /// Load a running worker through the broker and print throughput and latency.
@@ -50,6 +64,26 @@ pub enum ItemCommand {
     },
     /// Print an item.
     Show { id: Uuid },
+    /// Print items, oldest first.
+    List {
+        /// Most items to show.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// Show what is in `<queue>.dead` (the messages stay there).
+    List,
+    /// Move dead-lettered requests back to the request queue.
+    Replay {
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with = "message_ids")]
+        all: bool,
+        /// The message ids to replay.
+        message_ids: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]

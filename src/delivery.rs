@@ -12,8 +12,10 @@ use crate::decode::{Invalid, RequestProps, decode};
 use crate::metrics::{Health, Metrics};
 use crate::outcome::Verdict;
 use crate::reply::{self, ReplyRoute};
+use crate::trace::{TraceParent, new_span_id};
 use futures::FutureExt as _;
 use lapin::message::Delivery;
+use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -42,6 +44,10 @@ pub fn receive(
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let started = Instant::now();
     let span = delivery_span(&delivery);
+    let trace = request_traceparent(&delivery.properties);
+    if let Some(trace) = &trace {
+        span.record("trace_id", trace.trace_id_hex());
+    }
     ctx.metrics.in_flight.inc();
     if delivery.redelivered {
         ctx.metrics.redelivered.inc();
@@ -53,7 +59,21 @@ pub fn receive(
         decode(&request_props(&delivery.properties), &delivery.data)
             .map(|request| ctx.applier.submit(request))
     }));
-    finish(ctx.clone(), delivery, decoded, replies, lost, started).instrument(span)
+    let route = ReplyRoute {
+        reply_to: short_property(delivery.properties.reply_to()),
+        correlation_id: short_property(delivery.properties.correlation_id()),
+        traceparent: trace.map(|t| t.child(new_span_id()).to_string()),
+    };
+    finish(
+        ctx.clone(),
+        delivery,
+        decoded,
+        route,
+        replies,
+        lost,
+        started,
+    )
+    .instrument(span)
 }
 
 /// With the `fault-injection` feature, a delivery whose message_id starts with
@@ -78,6 +98,7 @@ async fn finish(
     ctx: Arc<Context>,
     delivery: Delivery,
     decoded: Decoded,
+    route: ReplyRoute,
     replies: Channel,
     lost: CancellationToken,
     started: Instant,
@@ -85,7 +106,7 @@ async fn finish(
     let acker = delivery.acker.clone();
     let outcome = match decoded {
         Ok(decoded) => {
-            AssertUnwindSafe(process(&ctx, delivery, decoded, &replies, &lost))
+            AssertUnwindSafe(process(&ctx, delivery, decoded, &route, &replies, &lost))
                 .catch_unwind()
                 .await
         }
@@ -126,6 +147,7 @@ async fn process(
     ctx: &Context,
     delivery: Delivery,
     decoded: Result<Pending, Box<Invalid>>,
+    route: &ReplyRoute,
     replies: &Channel,
     lost: &CancellationToken,
 ) -> Settled {
@@ -159,19 +181,7 @@ async fn process(
         span.record("reason", reason);
     }
 
-    let route = ReplyRoute {
-        reply_to: delivery
-            .properties
-            .reply_to()
-            .as_ref()
-            .map(|s| s.to_string()),
-        correlation_id: delivery
-            .properties
-            .correlation_id()
-            .as_ref()
-            .map(|s| s.to_string()),
-    };
-    if !send_reply(ctx, replies, &route, &verdict, lost).await {
+    if !send_reply(ctx, replies, route, &verdict, lost).await {
         return Settled::Abandoned;
     }
     if !ack::ack(&delivery.acker).await {
@@ -229,17 +239,30 @@ fn delivery_span(delivery: &Delivery) -> Span {
         redelivered = delivery.redelivered,
         outcome = tracing::field::Empty,
         reason = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
     )
+}
+
+/// The request's W3C `traceparent` header, when it has a valid one.
+fn request_traceparent(properties: &BasicProperties) -> Option<TraceParent> {
+    let headers = properties.headers().as_ref()?;
+    let text = match headers.inner().get("traceparent")? {
+        AMQPValue::LongString(text) => String::from_utf8_lossy(text.as_bytes()).into_owned(),
+        AMQPValue::ShortString(text) => text.to_string(),
+        _ => return None,
+    };
+    TraceParent::parse(&text)
+}
+
+fn short_property(value: &Option<lapin::types::ShortString>) -> Option<String> {
+    value.as_ref().map(|s| s.to_string())
 }
 
 /// Copies the properties decoding judges out of the broker's types.
 pub fn request_props(properties: &BasicProperties) -> RequestProps {
     RequestProps {
-        message_id: properties.message_id().as_ref().map(|s| s.to_string()),
-        content_type: properties.content_type().as_ref().map(|s| s.to_string()),
-        content_encoding: properties
-            .content_encoding()
-            .as_ref()
-            .map(|s| s.to_string()),
+        message_id: short_property(properties.message_id()),
+        content_type: short_property(properties.content_type()),
+        content_encoding: short_property(properties.content_encoding()),
     }
 }

@@ -16,7 +16,8 @@
 //! Around them: [`outcome`] (the one type behind reply, routing, metrics and logs),
 //! [`store`] (all SQL), [`broker`] (connection and topology), [`metrics`] and
 //! [`http`] (Prometheus, health), [`settings`], [`cli`], [`commands`] (operator
-//! commands), [`bench`] (the load tool) and [`telemetry`].
+//! commands), [`bench`] (the load tool), [`telemetry`] and [`trace`]
+//! (W3C trace context on messages).
 
 pub mod ack;
 pub mod apply;
@@ -33,6 +34,7 @@ pub mod reply;
 pub mod settings;
 pub mod store;
 pub mod telemetry;
+pub mod trace;
 pub mod worker;
 
 pub use worker::{Worker, run};

@@ -1,5 +1,6 @@
 use clap::Parser as _;
-use qty_worker::cli::{Cli, Command};
+use qty_worker::cli::{Cli, Command, DeadLettersCommand};
+use qty_worker::commands::{Output, adjust, dead_letters, item, ledger};
 use qty_worker::settings::Settings;
 use qty_worker::{commands, telemetry};
 use std::process::ExitCode;
@@ -8,6 +9,7 @@ use std::process::ExitCode;
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet_by_default = !matches!(cli.command, Command::Run(_));
+    let output = Output::choose(cli.json);
     telemetry::init(
         cli.log_format,
         if quiet_by_default { "warn" } else { "info" },
@@ -23,8 +25,17 @@ async fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::Migrate => commands::migrate(&cli.connections).await,
-        Command::Item(item) => commands::item(&cli.connections, item).await,
-        Command::Adjust(args) => commands::adjust(&cli.connections, args).await,
+        Command::Item(command) => item::run(&cli.connections, command, output).await,
+        Command::Ledger { item_id, limit } => {
+            ledger::run(&cli.connections, item_id, limit, output).await
+        }
+        Command::DeadLetters(DeadLettersCommand::List) => {
+            dead_letters::list(&cli.connections, output).await
+        }
+        Command::DeadLetters(DeadLettersCommand::Replay { all, message_ids }) => {
+            dead_letters::replay(&cli.connections, all, &message_ids, output).await
+        }
+        Command::Adjust(args) => adjust::run(&cli.connections, args, output).await,
         Command::Bench(args) => commands::bench(&cli.connections, args).await,
     };
     result.unwrap_or_else(|error| {

@@ -4,6 +4,7 @@
 use crate::broker::short;
 use crate::outcome::Verdict;
 use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 
 /// Where a reply goes and what it correlates with, taken from the request.
@@ -11,6 +12,8 @@ use lapin::{BasicProperties, Channel};
 pub struct ReplyRoute {
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
+    /// W3C `traceparent` to send on, when the request joined a trace.
+    pub traceparent: Option<String>,
 }
 
 /// Why a reply was not confirmed.
@@ -43,6 +46,14 @@ pub async fn send(
         .or(verdict.message_id.as_deref())
     {
         properties = properties.with_correlation_id(short(correlation_id));
+    }
+    if let Some(traceparent) = &route.traceparent {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            short("traceparent"),
+            AMQPValue::LongString(traceparent.as_bytes().to_vec().into()),
+        );
+        properties = properties.with_headers(headers);
     }
     let (exchange, routing_key) = match &route.reply_to {
         Some(reply_to) => ("", reply_to.clone()),

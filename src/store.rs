@@ -62,24 +62,27 @@ pub async fn connect(database_url: &str, max_connections: u32) -> anyhow::Result
     use anyhow::Context as _;
     let options = PgConnectOptions::from_str(database_url)
         .context("DATABASE_URL is not a valid PostgreSQL URL")?;
-    create_database_if_missing(&options).await?;
+    let unreachable = |error: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "cannot reach PostgreSQL at {}: {error} (is it running? set DATABASE_URL)",
+            crate::settings::redact(database_url)
+        )
+    };
+    create_database_if_missing(&options)
+        .await
+        .map_err(|e| unreachable(&format!("{e:#}")))?;
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await
-        .context("cannot connect to the database")
+        .map_err(|e| unreachable(&e))
 }
 
 async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let name = options.get_database().unwrap_or("postgres").to_owned();
-    let mut admin: PgConnection = options
-        .clone()
-        .database("postgres")
-        .connect()
-        .await
-        .context("cannot connect to PostgreSQL")?;
+    let mut admin: PgConnection = options.clone().database("postgres").connect().await?;
     let exists: bool =
         sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
             .bind(&name)
@@ -200,6 +203,41 @@ pub async fn create_item(pool: &PgPool, id: Uuid, qty: i64) -> Result<Item, sqlx
         .bind(qty)
         .fetch_one(pool)
         .await
+}
+
+pub async fn list_items(pool: &PgPool, limit: i64) -> Result<Vec<Item>, sqlx::Error> {
+    sqlx::query_as("select id, qty from items order by created_at, id limit $1")
+        .bind(limit)
+        .fetch_all(pool)
+        .await
+}
+
+/// One ledger row, for `qty-worker ledger`.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct LedgerEntry {
+    pub message_id: String,
+    pub delta: i64,
+    pub outcome: String,
+    pub reason: Option<String>,
+    pub qty_after: Option<i64>,
+    pub recorded_at: String,
+}
+
+/// An item's recorded adjustments, newest first.
+pub async fn item_history(
+    pool: &PgPool,
+    item: Uuid,
+    limit: i64,
+) -> Result<Vec<LedgerEntry>, sqlx::Error> {
+    sqlx::query_as(
+        "select message_id, delta, outcome, reason, qty_after,
+                to_char(recorded_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') as recorded_at
+           from adjustments where item_id = $1 order by recorded_at desc limit $2",
+    )
+    .bind(item)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
 }
 
 pub async fn find_item(pool: &PgPool, id: Uuid) -> Result<Option<Item>, sqlx::Error> {

@@ -9,7 +9,7 @@
 use crate::apply::Applier;
 use crate::delivery::{self, Context};
 use crate::metrics::{Health, Metrics};
-use crate::settings::{Settings, redact};
+use crate::settings::Settings;
 use crate::{broker, http, store};
 use anyhow::Context as _;
 use futures::StreamExt as _;
@@ -49,9 +49,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
 impl Worker {
     /// Creates and migrates the database, and binds the HTTP listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
-        let pool = store::connect(&settings.connections.database_url, settings.worker.db_pool)
-            .await
-            .with_context(|| format!("database {}", redact(&settings.connections.database_url)))?;
+        let pool =
+            store::connect(&settings.connections.database_url, settings.worker.db_pool).await?;
         store::migrate(&pool).await?;
         let health = Arc::new(Health::default());
         health.set_database(true);

@@ -201,3 +201,111 @@ async fn sigterm_finishes_in_flight_work_and_exits_zero_with_nothing_unacked() {
     );
     assert_eq!(app.qty(item).await, 1_000_000 - recorded as i64);
 }
+
+#[tokio::test]
+async fn ledger_and_item_list_show_what_happened_as_json() {
+    let mut app = TestApp::spawn().await;
+    let item = app.create_item(3).await;
+    app.adjust("l-1", item, -2).await;
+    app.adjust("l-2", item, -2).await;
+    app.replies(2).await;
+    let (code, out, err) =
+        run_to_end(qty_worker(&app.names).args(["ledger", &item.to_string(), "--json"]));
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("ledger JSON");
+    let mut outcomes: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["message_id"].as_str().unwrap_or_default().to_owned(),
+                r["outcome"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    outcomes.sort();
+    let applied_first = outcomes.iter().filter(|(_, o)| o == "applied").count();
+    assert_eq!((rows.len(), applied_first), (2, 1), "{out}");
+
+    let (code, out, _) = run_to_end(qty_worker(&app.names).args(["item", "list", "--json"]));
+    assert_eq!(code, 0);
+    let items: Vec<serde_json::Value> = serde_json::from_str(&out).expect("items JSON");
+    assert_eq!(items, [serde_json::json!({"id": item, "qty": 1})]);
+}
+
+#[tokio::test]
+async fn dead_letters_can_be_listed_and_replayed_into_the_queue() {
+    let mut app = TestApp::spawn().await;
+    let item = app.create_item(5).await;
+    // Dead-letter a request by hand, as the broker would: into <exchange>.dlx with
+    // the queue's name as routing key.
+    let body = format!(r#"{{"item_id":"{item}","delta":-1}}"#);
+    crate::helpers::publish(
+        &app.channel,
+        &format!("{}.dlx", app.names.exchange),
+        &app.names.queue,
+        app.props("dl-1"),
+        body.as_bytes(),
+    )
+    .await;
+    crate::helpers::publish(
+        &app.channel,
+        &format!("{}.dlx", app.names.exchange),
+        &app.names.queue,
+        app.props("dl-2"),
+        body.as_bytes(),
+    )
+    .await;
+
+    let (code, out, err) =
+        run_to_end(qty_worker(&app.names).args(["dead-letters", "list", "--json"]));
+    assert_eq!(code, 0, "{err}");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).expect("list JSON");
+    let mut ids: Vec<&str> = listed
+        .iter()
+        .filter_map(|l| l["message_id"].as_str())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["dl-1", "dl-2"], "listing leaves them in place: {out}");
+
+    let (code, _, err) =
+        run_to_end(qty_worker(&app.names).args(["dead-letters", "replay", "dl-2", "dl-9"]));
+    assert_eq!(code, 3, "an id not in the queue is reported: {err}");
+    assert!(err.contains("dl-9"), "{err}");
+    let reply = app.next_reply().await;
+    assert_eq!(
+        (
+            reply.body["message_id"].as_str(),
+            reply.body["qty"].as_i64()
+        ),
+        (Some("dl-2"), Some(4))
+    );
+
+    let (code, out, _) =
+        run_to_end(qty_worker(&app.names).args(["dead-letters", "list", "--json"]));
+    assert_eq!(code, 0);
+    let left: Vec<serde_json::Value> = serde_json::from_str(&out).expect("list JSON");
+    assert_eq!(left.len(), 1, "{out}");
+    let (code, _, _) = run_to_end(qty_worker(&app.names).args(["dead-letters", "replay", "--all"]));
+    assert_eq!(code, 0);
+    assert_eq!(
+        app.next_reply().await.body["message_id"].as_str(),
+        Some("dl-1")
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_gets_an_error_that_says_what_to_do() {
+    let names = Names::random();
+    let (code, _, err) = run_to_end(
+        qty_worker(&names)
+            .env("AMQP_URL", "amqp://guest:secret@127.0.0.1:1/%2f")
+            .args(["adjust", &uuid::Uuid::new_v4().to_string(), "1"]),
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/%2f"),
+        "{err}"
+    );
+    assert!(err.contains("set AMQP_URL"), "{err}");
+    assert!(!err.contains("secret"), "the password leaked: {err}");
+}

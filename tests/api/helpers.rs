@@ -191,6 +191,21 @@ impl Drop for RunningWorker {
     }
 }
 
+/// `docs/schemas/reply.json`, which `docs/asyncapi.yaml` points at: every reply a
+/// test receives is checked against it, so the document cannot drift from the code.
+static REPLY_SCHEMA: std::sync::LazyLock<jsonschema::Validator> = std::sync::LazyLock::new(|| {
+    let schema: Value = serde_json::from_str(include_str!("../../docs/schemas/reply.json"))
+        .expect("reply.json is JSON");
+    jsonschema::validator_for(&schema).expect("reply.json is a valid JSON Schema")
+});
+
+/// Panics unless `body` matches the documented reply schema.
+pub fn assert_documented_reply(body: &Value) {
+    if let Err(error) = REPLY_SCHEMA.validate(body) {
+        panic!("reply does not match docs/schemas/reply.json: {error}\n{body}");
+    }
+}
+
 /// A reply as a listener sees it.
 #[derive(Debug, Clone)]
 pub struct Reply {
@@ -463,8 +478,10 @@ pub async fn next_reply(consumer: &mut Consumer, what: &str) -> Reply {
         .unwrap_or_else(|_| panic!("no {what} within {WAIT:?}"))
         .unwrap_or_else(|| panic!("consumer ended while waiting for {what}"))
         .expect("delivery");
+    let body: Value = serde_json::from_slice(&delivery.data).expect("reply body is JSON");
+    assert_documented_reply(&body);
     Reply {
-        body: serde_json::from_slice(&delivery.data).expect("reply body is JSON"),
+        body,
         raw: delivery.data.clone(),
         properties: delivery.properties.clone(),
         routing_key: delivery.routing_key.to_string(),

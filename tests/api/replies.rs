@@ -175,3 +175,52 @@ async fn a_slow_transaction_does_not_stall_the_deliveries_behind_it() {
     assert_eq!(second.body["message_id"], "k-slow");
     assert_eq!(second.body["qty"].as_i64(), Some(9));
 }
+
+#[tokio::test]
+async fn a_traceparent_on_the_request_goes_on_with_the_reply_in_the_same_trace() {
+    use lapin::types::{AMQPValue, FieldTable};
+    let mut app = TestApp::spawn().await;
+    let item = app.create_item(1).await;
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "traceparent".into(),
+        AMQPValue::LongString(incoming.as_bytes().to_vec().into()),
+    );
+    let props = app.props("k-trace").with_headers(headers);
+    app.publish_raw(
+        props,
+        format!(r#"{{"item_id":"{item}","delta":1}}"#).as_bytes(),
+    )
+    .await;
+    let reply = app.next_reply().await;
+    let outgoing = match reply
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("traceparent").cloned())
+    {
+        Some(AMQPValue::LongString(text)) => String::from_utf8_lossy(text.as_bytes()).into_owned(),
+        other => panic!("the reply has no traceparent header: {other:?}"),
+    };
+    let parts: Vec<&str> = outgoing.split('-').collect();
+    assert_eq!(
+        (parts[0], parts[1], parts[3]),
+        ("00", "4bf92f3577b34da6a3ce929d0e0e4736", "01")
+    );
+    assert_ne!(
+        parts[2], "00f067aa0ba902b7",
+        "the worker's own span is the new parent"
+    );
+
+    // Without one, the reply carries none.
+    app.adjust("k-untraced", item, 1).await;
+    let untraced = app.next_reply().await;
+    assert!(
+        untraced
+            .properties
+            .headers()
+            .as_ref()
+            .is_none_or(|h| !h.contains_key("traceparent"))
+    );
+}

@@ -331,6 +331,7 @@ impl Scenario {
         let mut by_id: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
         for body in &replies {
             let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            crate::helpers::assert_documented_reply(&value);
             let id = value["message_id"].as_str().unwrap_or_default().to_owned();
             by_id.entry(id).or_default().push(body.clone());
         }

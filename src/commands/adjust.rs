@@ -1,73 +1,29 @@
-//! The operator commands: `migrate`, `item create|show` and `adjust`.
-//!
-//! Exit codes: 0 success (for `adjust`: applied), 1 error, 2 usage (from clap),
-//! 3 not found (`adjust`: not_found, `item show`: no such item), 4 rejected.
+//! `qty-worker adjust ITEM DELTA`: publish one request, wait for its reply on
+//! direct reply-to, print it, and exit by outcome.
 
+use super::{EXIT_NOT_FOUND, EXIT_REJECTED, Output};
 use crate::broker::{self, REQUEST_ROUTING_KEY, short};
-use crate::cli::{AdjustArgs, ItemCommand};
-use crate::settings::{Connections, redact};
-use crate::store;
+use crate::cli::AdjustArgs;
+use crate::settings::Connections;
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use lapin::BasicProperties;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use sqlx::PgPool;
 use std::process::ExitCode;
 use std::time::Duration;
 use uuid::Uuid;
 
-pub const EXIT_NOT_FOUND: u8 = 3;
-pub const EXIT_REJECTED: u8 = 4;
-
 /// The broker's direct reply-to pseudo-queue: replies come straight to this channel.
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
-async fn database(connections: &Connections) -> anyhow::Result<PgPool> {
-    let pool = store::connect(&connections.database_url, 2)
-        .await
-        .with_context(|| {
-            format!(
-                "database {} (is PostgreSQL running? set DATABASE_URL)",
-                redact(&connections.database_url)
-            )
-        })?;
-    store::migrate(&pool).await?;
-    Ok(pool)
-}
-
-pub async fn migrate(connections: &Connections) -> anyhow::Result<ExitCode> {
-    database(connections).await?;
-    eprintln!("database is migrated");
-    Ok(ExitCode::SUCCESS)
-}
-
-pub async fn item(connections: &Connections, command: ItemCommand) -> anyhow::Result<ExitCode> {
-    let pool = database(connections).await?;
-    let item = match command {
-        ItemCommand::Create { id, qty } => {
-            let id = id.unwrap_or_else(Uuid::new_v4);
-            store::create_item(&pool, id, qty)
-                .await
-                .with_context(|| format!("cannot create item {id}"))?
-        }
-        ItemCommand::Show { id } => match store::find_item(&pool, id).await? {
-            Some(item) => item,
-            None => {
-                eprintln!("item {id} not found");
-                return Ok(ExitCode::from(EXIT_NOT_FOUND));
-            }
-        },
-    };
-    println!("{}", serde_json::to_string(&item)?);
-    Ok(ExitCode::SUCCESS)
-}
-
 /// Publishes one request, waits for its reply on direct reply-to, prints it.
-pub async fn adjust(connections: &Connections, args: AdjustArgs) -> anyhow::Result<ExitCode> {
-    let connection = broker::connect(&connections.amqp_url, "qty-worker adjust")
-        .await
-        .context("is RabbitMQ running? set AMQP_URL")?;
+pub async fn run(
+    connections: &Connections,
+    args: AdjustArgs,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
+    let connection = broker::connect(&connections.amqp_url, "qty-worker adjust").await?;
     let channel = connection.create_channel().await?;
     // Direct reply-to requires consuming (no-ack) before publishing.
     let mut replies = channel
@@ -138,7 +94,7 @@ pub async fn adjust(connections: &Connections, args: AdjustArgs) -> anyhow::Resu
         }
     };
     let text = String::from_utf8_lossy(&reply.data).into_owned();
-    println!("{text}");
+    output.reply(&text);
     connection.close(200, "done".into()).await.ok();
     let outcome = serde_json::from_str::<serde_json::Value>(&text)
         .ok()
@@ -153,24 +109,5 @@ pub async fn adjust(connections: &Connections, args: AdjustArgs) -> anyhow::Resu
         Some("not_found") => ExitCode::from(EXIT_NOT_FOUND),
         Some("rejected") => ExitCode::from(EXIT_REJECTED),
         _ => bail!("unexpected reply: {text}"),
-    })
-}
-
-/// Runs `bench` and prints its report; exits 1 when an invariant is broken.
-pub async fn bench(
-    connections: &Connections,
-    args: crate::bench::BenchArgs,
-) -> anyhow::Result<ExitCode> {
-    let json = args.json;
-    let report = crate::bench::run(connections, args).await?;
-    if json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("{report}");
-    }
-    Ok(if report.invariants_hold {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
     })
 }

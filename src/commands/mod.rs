@@ -1,0 +1,95 @@
+//! The operator commands. Each prints human-readable text on a terminal and JSON
+//! when piped or given `--json`; errors go to stderr and say what to do.
+//!
+//! Exit codes: 0 success (`adjust`: applied), 1 error, 2 usage, 3 not found
+//! (`adjust`: not_found; `item show`: no such item), 4 rejected (`adjust`).
+
+pub mod adjust;
+pub mod dead_letters;
+pub mod item;
+pub mod ledger;
+
+use crate::settings::Connections;
+use crate::store;
+use serde::Serialize;
+use sqlx::PgPool;
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
+
+pub const EXIT_NOT_FOUND: u8 = 3;
+pub const EXIT_REJECTED: u8 = 4;
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Human,
+    Json,
+}
+
+impl Output {
+    /// JSON when asked for or when stdout is not a terminal.
+    pub fn choose(json: bool) -> Output {
+        if json || !std::io::stdout().is_terminal() {
+            Output::Json
+        } else {
+            Output::Human
+        }
+    }
+
+    /// Prints `value` as one JSON line, or as `human` renders it.
+    pub fn print<T: Serialize>(self, value: &T, human: impl FnOnce(&T) -> String) {
+        match self {
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string(value).expect("serializable output")
+            ),
+            Output::Human => println!("{}", human(value)),
+        }
+    }
+
+    /// Prints a reply body as it came (JSON), pretty-printed for people.
+    pub fn reply(self, text: &str) {
+        match (self, serde_json::from_str::<serde_json::Value>(text)) {
+            (Output::Human, Ok(value)) => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&value).expect("serializable")
+                )
+            }
+            _ => println!("{text}"),
+        }
+    }
+}
+
+/// Connects to the database and applies migrations, so every command works on a
+/// fresh database too.
+async fn database(connections: &Connections) -> anyhow::Result<PgPool> {
+    let pool = store::connect(&connections.database_url, 2).await?;
+    store::migrate(&pool).await?;
+    Ok(pool)
+}
+
+pub async fn migrate(connections: &Connections) -> anyhow::Result<ExitCode> {
+    database(connections).await?;
+    eprintln!("database is migrated");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `bench` and prints its report; exits 1 when an invariant is broken.
+pub async fn bench(
+    connections: &Connections,
+    args: crate::bench::BenchArgs,
+) -> anyhow::Result<ExitCode> {
+    let json = args.json;
+    let report = crate::bench::run(connections, args).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(if report.invariants_hold {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,133 @@
+//! W3C Trace Context on messages: a request's `traceparent` header joins the
+//! delivery's span to the caller's trace, and the reply carries it onward with
+//! this worker's own span id as the parent (<https://www.w3.org/TR/trace-context/>).
+
+use std::fmt;
+
+/// A parsed `traceparent` (version 00).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: [u8; 16],
+    pub parent_id: [u8; 8],
+    pub flags: u8,
+}
+
+impl TraceParent {
+    /// Parses `00-<32 hex>-<16 hex>-<2 hex>`; anything else, including the
+    /// all-zero ids the spec forbids, is ignored rather than propagated.
+    pub fn parse(header: &str) -> Option<TraceParent> {
+        let mut parts = header.trim().split('-');
+        let (version, trace, parent, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if version != "00" || parts.next().is_some() {
+            return None;
+        }
+        let trace_id: [u8; 16] = hex(trace)?.try_into().ok()?;
+        let parent_id: [u8; 8] = hex(parent)?.try_into().ok()?;
+        let flags = *hex(flags)?.first().filter(|_| flags.len() == 2)?;
+        if trace_id == [0; 16] || parent_id == [0; 8] {
+            return None;
+        }
+        Some(TraceParent {
+            trace_id,
+            parent_id,
+            flags,
+        })
+    }
+
+    /// The same trace, with `span_id` (this worker's span) as the parent.
+    pub fn child(&self, span_id: [u8; 8]) -> TraceParent {
+        TraceParent {
+            parent_id: span_id,
+            ..*self
+        }
+    }
+
+    pub fn trace_id_hex(&self) -> String {
+        to_hex(&self.trace_id)
+    }
+}
+
+impl fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "00-{}-{}-{:02x}",
+            to_hex(&self.trace_id),
+            to_hex(&self.parent_id),
+            self.flags
+        )
+    }
+}
+
+/// A fresh, non-zero span id.
+pub fn new_span_id() -> [u8; 8] {
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&bytes[..8]);
+    id[0] |= 1;
+    id
+}
+
+fn hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2)
+        || !text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn a_valid_header_round_trips() {
+        let parsed = TraceParent::parse(SAMPLE).expect("valid traceparent");
+        assert_eq!(parsed.to_string(), SAMPLE);
+        assert_eq!(parsed.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    #[test]
+    fn the_child_keeps_the_trace_and_flags_and_changes_the_parent() {
+        let parsed = TraceParent::parse(SAMPLE).expect("valid traceparent");
+        let child = parsed.child([1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(
+            child.to_string(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0102030405060708-01"
+        );
+    }
+
+    #[test]
+    fn malformed_or_forbidden_headers_are_ignored() {
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn new_span_ids_are_never_zero() {
+        assert!((0..100).all(|_| new_span_id() != [0; 8]));
+    }
+}
