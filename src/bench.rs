@@ -43,9 +43,14 @@ pub struct BenchArgs {
     /// Share of requests (0..1) that repeat an earlier message_id and payload.
     #[arg(long, default_value_t = 0.0)]
     pub duplicate_share: f64,
-    /// Requests per second; 0 publishes as fast as confirms allow (a backlog).
-    #[arg(long, default_value_t = 0)]
+    /// Requests per second; 0 publishes as fast as confirms allow.
+    #[arg(long, default_value_t = 0, conflicts_with = "backlog")]
     pub rate: u64,
+    /// Publish every request before any is consumed, then time the drain from the
+    /// first reply to the last. Start the worker after "backlog published" appears
+    /// on stderr; the bench declares the queue itself if it is missing.
+    #[arg(long)]
+    pub backlog: bool,
     /// Starting quantity of every item.
     #[arg(long, default_value_t = 1_000_000)]
     pub start_qty: i64,
@@ -192,6 +197,16 @@ pub async fn run(connections: &Connections, args: BenchArgs) -> anyhow::Result<R
         )
         .await?;
 
+    if args.backlog {
+        let topology = crate::broker::Topology {
+            exchange: connections.exchange.clone(),
+            queue: connections.queue.clone(),
+            delivery_limit: crate::settings::DEFAULT_DELIVERY_LIMIT,
+        };
+        topology.declare(&publisher).await.context(
+            "cannot declare the queue (a worker with another --delivery-limit declared it first?)",
+        )?;
+    }
     let progress = !args.json && std::io::stderr().is_terminal();
     let expected = planned.len();
     let idle = Duration::from_secs(args.timeout);
@@ -235,6 +250,13 @@ pub async fn run(connections: &Connections, args: BenchArgs) -> anyhow::Result<R
         started,
     )
     .await?;
+    if args.backlog {
+        eprintln!(
+            "backlog published: {} requests wait in {}; start the worker now",
+            planned.len(),
+            connections.queue
+        );
+    }
     let received = collector.await.context("reply collector failed")?;
     if let Some(ticker) = ticker {
         ticker.abort();
@@ -295,9 +317,15 @@ async fn summarize(
         let now = store::find_item(pool, item).await?.map(|i| i.qty);
         quantities_add_up &= now == Some(args.start_qty + applied.get(&item).copied().unwrap_or(0));
     }
+    // A backlog is timed from its first reply, so the time before the worker
+    // started does not count; otherwise from the first publish.
+    let from = match (args.backlog, received.first()) {
+        (true, Some((first, _))) => *first,
+        _ => started,
+    };
     let seconds = received
         .last()
-        .map_or(0.0, |(at, _)| at.duration_since(started).as_secs_f64());
+        .map_or(0.0, |(at, _)| at.duration_since(from).as_secs_f64());
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| {
         latencies

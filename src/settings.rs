@@ -5,10 +5,13 @@ use clap::{Args, ValueEnum};
 use std::net::SocketAddr;
 
 /// How many deliveries are in flight at once unless `--prefetch` says otherwise.
-pub const DEFAULT_PREFETCH: u16 = 64;
+pub const DEFAULT_PREFETCH: u16 = 1000;
+
+/// Deliveries of one message before it is dead-lettered unless `--delivery-limit` says otherwise.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 10;
 
 /// PostgreSQL connections (and concurrent transactions) unless `--db-pool` says otherwise.
-pub const DEFAULT_DB_POOL: u32 = 8;
+pub const DEFAULT_DB_POOL: u32 = 4;
 
 /// Requests per transaction at most unless `--batch-max` says otherwise.
 pub const DEFAULT_BATCH_MAX: u32 = 100;
@@ -56,7 +59,7 @@ pub struct WorkerSettings {
 
     /// Deliveries of one message before the queue dead-letters it (set when the
     /// queue is first declared).
-    #[arg(long, env = "QTY_DELIVERY_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..1000))]
+    #[arg(long, env = "QTY_DELIVERY_LIMIT", default_value_t = DEFAULT_DELIVERY_LIMIT, value_parser = clap::value_parser!(u32).range(1..1000))]
     pub delivery_limit: u32,
 
     /// PostgreSQL connections, which is also how many transactions run at once.
