@@ -175,13 +175,18 @@ async fn adjust_with_retries(
     metrics: &Metrics,
 ) -> Result<Vec<Adjusted>, StoreError> {
     let mut backoff = FIRST_BACKOFF;
+    let mut failed = false;
     loop {
         match store::adjust(pool, requests).await {
             Ok(answers) => {
                 health.set_database(true);
+                if failed {
+                    metrics.reconnected("database");
+                }
                 return Ok(answers);
             }
             Err(StoreError::Transient(error)) => {
+                failed = true;
                 health.set_database(false);
                 metrics.dependency_error("database");
                 tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "database unavailable; retrying");

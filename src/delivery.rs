@@ -67,7 +67,15 @@ pub fn receive(
     // Boxed once, here: the handling future is several kilobytes, and moving it
     // by value through `instrument` and `spawn` showed up as a tenth of the
     // worker's CPU (memmove) in a profile.
-    let handling = finish(ctx.clone(), delivery, decoded, route, replies, lost, started);
+    let handling = finish(
+        ctx.clone(),
+        delivery,
+        decoded,
+        route,
+        replies,
+        lost,
+        started,
+    );
     Box::pin(handling.instrument(span))
 }
 

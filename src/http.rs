@@ -54,6 +54,9 @@ pub async fn serve(
 }
 
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    state
+        .metrics
+        .observe_pool(state.pool.size(), state.pool.num_idle());
     (
         [(
             header::CONTENT_TYPE,

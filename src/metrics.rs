@@ -33,6 +33,13 @@ pub struct Metrics {
     pub dependency_errors: Family<DependencyLabels, Counter>,
     pub requeued: Counter,
     pub batch_size: Histogram,
+    pub reconnects: Family<DependencyLabels, Counter>,
+    db_connections: Family<PoolLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub state: &'static str,
 }
 
 impl Default for Metrics {
@@ -92,7 +99,21 @@ impl Metrics {
             "Requests carried by one database transaction",
             batch_size.clone(),
         );
+        let reconnects = Family::<DependencyLabels, Counter>::default();
+        registry.register(
+            "reconnects",
+            "Times a dependency came back after being lost",
+            reconnects.clone(),
+        );
+        let db_connections = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "db_connections",
+            "PostgreSQL pool connections by state (busy, idle), as of the scrape",
+            db_connections.clone(),
+        );
         Metrics {
+            reconnects,
+            db_connections,
             batch_size,
             registry,
             adjustments,
@@ -122,6 +143,23 @@ impl Metrics {
         self.dependency_errors
             .get_or_create(&DependencyLabels { dependency })
             .inc();
+    }
+
+    pub fn reconnected(&self, dependency: &'static str) {
+        self.reconnects
+            .get_or_create(&DependencyLabels { dependency })
+            .inc();
+    }
+
+    /// Records the pool's current size and idle count for the next render.
+    pub fn observe_pool(&self, size: u32, idle: usize) {
+        let idle = idle as i64;
+        self.db_connections
+            .get_or_create(&PoolLabels { state: "idle" })
+            .set(idle);
+        self.db_connections
+            .get_or_create(&PoolLabels { state: "busy" })
+            .set(i64::from(size) - idle);
     }
 
     /// The Prometheus text exposition of every metric.

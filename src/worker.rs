@@ -94,6 +94,7 @@ impl Worker {
         let mut shutdown = pin!(shutdown);
         let mut in_flight = JoinSet::new();
         let mut backoff = FIRST_BACKOFF;
+        let mut lost_before = false;
         loop {
             let session = tokio::select! {
                 biased;
@@ -118,6 +119,9 @@ impl Worker {
                 }
             };
             backoff = FIRST_BACKOFF;
+            if lost_before {
+                self.ctx.metrics.reconnected("broker");
+            }
             self.ctx.health.set_consuming(true);
             tracing::info!(queue = %self.settings.connections.queue, prefetch = self.settings.worker.prefetch, "consuming");
 
@@ -132,6 +136,7 @@ impl Worker {
             }
             // The connection is gone: its deliveries can no longer be settled.
             session.lost.cancel();
+            lost_before = true;
             self.ctx.metrics.dependency_error("broker");
             tracing::warn!("broker connection lost; reconnecting");
         }

@@ -117,12 +117,17 @@ async fn metrics_count_adjustments_by_outcome_and_reason_and_health_answers() {
         r#"qty_worker_adjustments_total{outcome="applied",reason=""} 1"#,
         r#"qty_worker_adjustments_total{outcome="rejected",reason="insufficient_qty"} 2"#,
         "qty_worker_duplicates_replayed_total 1",
+        "qty_worker_batch_size_sum 3.0",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),
             "missing {line:?} in\n{metrics}"
         );
     }
+    assert!(
+        metrics.contains(r#"qty_worker_db_connections{state="idle"}"#),
+        "{metrics}"
+    );
     assert_eq!(app.get("/healthz").await.0, 200);
     let (status, body) = app.get("/readyz").await;
     assert_eq!(

@@ -115,6 +115,14 @@ async fn readiness_follows_each_dependency_down_and_back() {
         proxy.resume();
         wait_for_readyz(&s, 200, name).await;
     }
+    let addr = format!("127.0.0.1:{}", s.workers[0].http_port)
+        .parse()
+        .expect("address");
+    let metrics = helpers::http_get(addr, "/metrics").await.1;
+    assert!(
+        metrics.contains(r#"qty_worker_reconnects_total{dependency="broker"} 1"#),
+        "{metrics}"
+    );
     assert_clean_or_empty(s.finish().await);
 }
 
