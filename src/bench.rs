@@ -167,7 +167,7 @@ pub async fn run(connections: &Connections, args: BenchArgs) -> anyhow::Result<R
     }
     let planned = plan(&args, &items);
 
-    let connection = broker::connect(&connections.amqp_url, "qty-worker bench").await?;
+    let connection = broker::connect(connections, "qty-worker bench").await?;
     let publisher = connection.create_channel().await?;
     publisher
         .confirm_select(ConfirmSelectOptions::default())

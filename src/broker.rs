@@ -1,11 +1,13 @@
 //! The RabbitMQ side of start-up: connecting (with a heartbeat, so a dead link is
 //! noticed) and declaring the topology of contract section 1, idempotently.
 
+use crate::settings::Connections;
 use anyhow::Context as _;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection, ConnectionProperties, DefaultConnectionBuilder, ExchangeKind};
 use std::str::FromStr;
 
 /// The routing key requests are bound with; replies go out as `qty.adjust.<outcome>`.
@@ -125,21 +127,35 @@ fn long_string(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value.as_bytes().to_vec()))
 }
 
-/// Connects to RabbitMQ, adding a heartbeat when the URL does not set one.
-pub async fn connect(amqp_url: &str, connection_name: &str) -> anyhow::Result<Connection> {
+/// Connects to RabbitMQ, adding a heartbeat when the URL does not set one. For
+/// `amqps://`, the system's roots are trusted, plus the CAs in `--amqp-ca-file`.
+pub async fn connect(
+    connections: &Connections,
+    connection_name: &str,
+) -> anyhow::Result<Connection> {
+    let amqp_url = connections.amqp_url.as_str();
     let mut uri = AMQPUri::from_str(amqp_url)
         .map_err(|e| anyhow::anyhow!("AMQP_URL is not a valid AMQP URL: {e}"))?;
     uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     let properties = ConnectionProperties::default()
         .with_connection_name(LongString::from(connection_name.as_bytes().to_vec()));
-    Connection::connect_uri(uri, properties)
-        .await
-        .map_err(|error| {
-            anyhow::anyhow!(
-                "cannot reach RabbitMQ at {}: {error} (is it running? set AMQP_URL)",
-                crate::settings::redact(amqp_url)
-            )
-        })
+    let mut builder = DefaultConnectionBuilder::new()?
+        .with_uri(uri)
+        .with_properties(properties);
+    if let Some(ca_file) = &connections.amqp_ca_file {
+        let pem = std::fs::read_to_string(ca_file)
+            .with_context(|| format!("cannot read AMQP_CA_FILE {}", ca_file.display()))?;
+        builder = builder.with_tls_config(OwnedTLSConfig {
+            identity: None,
+            cert_chain: Some(pem),
+        });
+    }
+    builder.connect().await.map_err(|error| {
+        anyhow::anyhow!(
+            "cannot reach RabbitMQ at {}: {error} (is it running? set AMQP_URL)",
+            crate::settings::redact(amqp_url)
+        )
+    })
 }
 
 /// A short string from text that came from the broker or from validated settings.

@@ -28,7 +28,12 @@ pub struct Connections {
     )]
     pub amqp_url: String,
 
-    /// PostgreSQL URL; the database is created if it does not exist.
+    /// PEM file of extra CAs to trust for amqps:// (a private CA, say).
+    #[arg(long, env = "AMQP_CA_FILE", global = true)]
+    pub amqp_ca_file: Option<std::path::PathBuf>,
+
+    /// PostgreSQL URL; the database is created if it does not exist. For TLS use
+    /// `?sslmode=verify-full&sslrootcert=/path/ca.pem`.
     #[arg(
         long,
         env = "DATABASE_URL",

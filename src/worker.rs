@@ -186,7 +186,7 @@ struct Session {
 
 impl Session {
     async fn open(settings: &Settings) -> anyhow::Result<Session> {
-        let connection = broker::connect(&settings.connections.amqp_url, "qty-worker").await?;
+        let connection = broker::connect(&settings.connections, "qty-worker").await?;
         let deliveries = connection.create_channel().await?;
         settings.topology().declare(&deliveries).await?;
         let replies = connection.create_channel().await?;

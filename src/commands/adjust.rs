@@ -23,7 +23,7 @@ pub async fn run(
     args: AdjustArgs,
     output: Output,
 ) -> anyhow::Result<ExitCode> {
-    let connection = broker::connect(&connections.amqp_url, "qty-worker adjust").await?;
+    let connection = broker::connect(connections, "qty-worker adjust").await?;
     let channel = connection.create_channel().await?;
     // Direct reply-to requires consuming (no-ack) before publishing.
     let mut replies = channel

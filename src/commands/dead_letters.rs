@@ -116,7 +116,7 @@ fn dead_letter_queue(connections: &Connections) -> String {
 }
 
 async fn open(connections: &Connections) -> anyhow::Result<(Connection, Channel)> {
-    let connection = broker::connect(&connections.amqp_url, "qty-worker dead-letters").await?;
+    let connection = broker::connect(connections, "qty-worker dead-letters").await?;
     let channel = connection.create_channel().await?;
     Ok((connection, channel))
 }

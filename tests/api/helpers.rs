@@ -59,6 +59,7 @@ impl Names {
         Settings {
             connections: Connections {
                 amqp_url: AMQP_URL.into(),
+                amqp_ca_file: None,
                 database_url: self.database_url(),
                 exchange: self.exchange.clone(),
                 queue: self.queue.clone(),

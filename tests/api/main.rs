@@ -9,3 +9,4 @@ mod invalid;
 mod ledger;
 mod outcomes;
 mod replies;
+mod tls;
