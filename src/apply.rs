@@ -126,6 +126,13 @@ async fn batch_loop(
                 Err(_) => break,
             }
         }
+        // A request whose delivery was abandoned (its connection is gone) will
+        // come again as a redelivery; skipping it keeps the queue bounded by the
+        // prefetch even while the broker flaps during a database outage.
+        batch.retain(|submitted| !submitted.answer.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         metrics.batch_size.observe(batch.len() as f64);
         let (pool, health, metrics) = (pool.clone(), health.clone(), metrics.clone());
         tokio::spawn(async move {

@@ -10,9 +10,7 @@ use crate::store;
 use anyhow::{Context as _, ensure};
 use clap::Args;
 use futures::StreamExt as _;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 use serde::Serialize;
@@ -97,21 +95,22 @@ struct Planned {
 }
 
 /// A small deterministic generator (SplitMix64), so a seed repeats a run's mix.
-struct Mix(u64);
+/// The equivalence tests draw their random streams from it too.
+pub struct Mix(pub u64);
 
 impl Mix {
-    fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
     }
 }
 
@@ -185,17 +184,7 @@ pub async fn run(connections: &Connections, args: BenchArgs) -> anyhow::Result<R
         )
         .await?;
     let reply_queue = reply_queue.name().to_string();
-    let mut replies = listener
-        .basic_consume(
-            reply_queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let mut replies = broker::consume_without_acks(&listener, &reply_queue).await?;
 
     if args.backlog {
         let topology = crate::broker::Topology {

@@ -3,11 +3,15 @@
 
 use crate::settings::Connections;
 use anyhow::Context as _;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
-use lapin::{Channel, Connection, ConnectionProperties, DefaultConnectionBuilder, ExchangeKind};
+use lapin::{
+    Channel, Connection, ConnectionProperties, Consumer, DefaultConnectionBuilder, ExchangeKind,
+};
 use std::str::FromStr;
 
 /// The routing key requests are bound with; replies go out as `qty.adjust.<outcome>`.
@@ -156,6 +160,22 @@ pub async fn connect(
             crate::settings::redact(amqp_url)
         )
     })
+}
+
+/// Consumes `queue` in no-ack mode: for reply listeners, which lose nothing
+/// that matters if they go away (the ledger answers a retried request).
+pub async fn consume_without_acks(channel: &Channel, queue: &str) -> lapin::Result<Consumer> {
+    channel
+        .basic_consume(
+            short(queue),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// A short string from text that came from the broker or from validated settings.

@@ -8,8 +8,7 @@ use crate::settings::Connections;
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use lapin::BasicProperties;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use std::process::ExitCode;
 use std::time::Duration;
 use uuid::Uuid;
@@ -26,17 +25,7 @@ pub async fn run(
     let connection = broker::connect(connections, "qty-worker adjust").await?;
     let channel = connection.create_channel().await?;
     // Direct reply-to requires consuming (no-ack) before publishing.
-    let mut replies = channel
-        .basic_consume(
-            DIRECT_REPLY_TO.into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let mut replies = broker::consume_without_acks(&channel, DIRECT_REPLY_TO).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;

@@ -4,6 +4,7 @@
 //! apply a key twice.
 
 use crate::helpers::Names;
+use qty_worker::bench::Mix;
 use qty_worker::decode::Request;
 use qty_worker::store::{self, Adjusted};
 use sqlx::PgPool;
@@ -44,21 +45,6 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         self.names.remove_all();
-    }
-}
-
-/// SplitMix64: a seeded stream, so a failure names a seed that repeats it.
-struct Mix(u64);
-impl Mix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 

@@ -4,8 +4,8 @@
 
 use futures::StreamExt as _;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
@@ -436,16 +436,7 @@ pub async fn listen(channel: &Channel, binding: Option<(&str, &str)>) -> (String
             .await
             .expect("bind listener queue");
     }
-    let consumer = channel
-        .basic_consume(
-            name.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let consumer = qty_worker::broker::consume_without_acks(channel, &name)
         .await
         .expect("consume listener queue");
     (name, consumer)

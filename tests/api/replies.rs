@@ -3,8 +3,6 @@
 
 use crate::helpers::{TestApp, listen, next_reply, publish};
 use lapin::BasicProperties;
-use lapin::options::BasicConsumeOptions;
-use lapin::types::FieldTable;
 use sqlx::Connection as _;
 
 #[tokio::test]
@@ -99,16 +97,7 @@ async fn a_request_using_direct_reply_to_gets_its_reply_there() {
     let app = TestApp::spawn().await;
     let item = app.create_item(3).await;
     let channel = app.connection.create_channel().await.expect("channel");
-    let mut direct = channel
-        .basic_consume(
-            "amq.rabbitmq.reply-to".into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let mut direct = qty_worker::broker::consume_without_acks(&channel, "amq.rabbitmq.reply-to")
         .await
         .expect("consume direct reply-to");
     let props = BasicProperties::default()
