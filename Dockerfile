@@ -4,7 +4,9 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY migrations migrations
-RUN cargo build --release --locked --bin qty-worker
+# e.g. `docker compose build --build-arg FEATURES=otlp` for OpenTelemetry export.
+ARG FEATURES=""
+RUN cargo build --release --locked --bin qty-worker --features "$FEATURES"
 
 FROM debian:bookworm-slim
 RUN apt-get update \

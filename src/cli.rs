@@ -18,6 +18,11 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// Export spans over OTLP/HTTP to this traces URL, e.g.
+    /// http://collector:4318/v1/traces (needs a build with the `otlp` feature).
+    #[arg(long, env = "QTY_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+
     /// Log format; defaults to pretty on a terminal and json otherwise.
     #[arg(long, env = "QTY_LOG_FORMAT", value_enum, global = true)]
     pub log_format: Option<LogFormat>,

@@ -12,7 +12,7 @@ use crate::decode::{Invalid, RequestProps, decode};
 use crate::metrics::{Health, Metrics};
 use crate::outcome::Verdict;
 use crate::reply::{self, ReplyRoute};
-use crate::trace::{TraceParent, new_span_id};
+use crate::trace::{TraceParent, join_exported_trace, new_span_id};
 use futures::FutureExt as _;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
@@ -62,7 +62,13 @@ pub fn receive(
     let route = ReplyRoute {
         reply_to: short_property(delivery.properties.reply_to()),
         correlation_id: short_property(delivery.properties.correlation_id()),
-        traceparent: trace.map(|t| t.child(new_span_id()).to_string()),
+        // Our own span id as the new parent: the exported span's when spans are
+        // exported, so the caller's trace shows it, else a fresh one.
+        traceparent: trace.map(|caller| {
+            join_exported_trace(&span, &caller)
+                .unwrap_or_else(|| caller.child(new_span_id()))
+                .to_string()
+        }),
     };
     // Boxed once, here: the handling future is several kilobytes, and moving it
     // by value through `instrument` and `spawn` showed up as a tenth of the

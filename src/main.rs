@@ -10,10 +10,15 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet_by_default = !matches!(cli.command, Command::Run(_));
     let output = Output::choose(cli.json);
-    telemetry::init(
-        cli.log_format,
-        if quiet_by_default { "warn" } else { "info" },
-    );
+    let default_filter = if quiet_by_default { "warn" } else { "info" };
+    let _telemetry =
+        match telemetry::init(cli.log_format, default_filter, cli.otlp_endpoint.as_deref()) {
+            Ok(guard) => guard,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                return ExitCode::FAILURE;
+            }
+        };
     let result = match cli.command {
         Command::Run(worker) => {
             let settings = Settings {

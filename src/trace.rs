@@ -60,6 +60,38 @@ impl fmt::Display for TraceParent {
     }
 }
 
+/// Makes `span` a child of the caller's span in the OpenTelemetry layer, when one
+/// is installed (`--otlp-endpoint`), and returns the `traceparent` naming `span`
+/// itself: the one to send on. `None` without the layer.
+#[cfg(feature = "otlp")]
+pub fn join_exported_trace(span: &tracing::Span, caller: &TraceParent) -> Option<TraceParent> {
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let remote = SpanContext::new(
+        TraceId::from_bytes(caller.trace_id),
+        SpanId::from_bytes(caller.parent_id),
+        TraceFlags::new(caller.flags),
+        true,
+        TraceState::default(),
+    );
+    span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote))
+        .ok()?;
+    let context = span.context();
+    let ours = context.span().span_context().clone();
+    ours.is_valid().then(|| TraceParent {
+        trace_id: ours.trace_id().to_bytes(),
+        parent_id: ours.span_id().to_bytes(),
+        flags: ours.trace_flags().to_u8(),
+    })
+}
+
+#[cfg(not(feature = "otlp"))]
+pub fn join_exported_trace(_span: &tracing::Span, _caller: &TraceParent) -> Option<TraceParent> {
+    None
+}
+
 /// A fresh, non-zero span id.
 pub fn new_span_id() -> [u8; 8] {
     let bytes = uuid::Uuid::new_v4().into_bytes();

@@ -7,6 +7,8 @@ mod batching;
 mod binary;
 mod invalid;
 mod ledger;
+#[cfg(feature = "otlp")]
+mod otlp;
 mod outcomes;
 mod replies;
 mod tls;
