@@ -19,8 +19,7 @@ log=$(mktemp -d)
 cleanup() {
   for pid in "${pids[@]:-}"; do [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; done
   wait 2>/dev/null || true
-  rabbitmqctl -q delete_queue "$QTY_QUEUE" >/dev/null 2>&1 || true
-  rabbitmqctl -q delete_queue "$QTY_QUEUE.dead" >/dev/null 2>&1 || true
+  bench/forget-names.sh "$QTY_EXCHANGE" "$QTY_QUEUE"
 }
 trap cleanup EXIT
 

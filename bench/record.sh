@@ -24,6 +24,6 @@ rate=${RATE:-6000}
 export DATABASE_URL=postgres://postgres@127.0.0.1:5432/qtyw_bench QTY_EXCHANGE=bench-rate QTY_QUEUE=bench-rate.adjust
 target/release/qty-worker --log-format json run --http-addr 127.0.0.1:0 2>/dev/null &
 worker=$!
-trap 'kill -TERM $worker 2>/dev/null; rabbitmqctl -q delete_queue bench-rate.adjust >/dev/null 2>&1; rabbitmqctl -q delete_queue bench-rate.adjust.dead >/dev/null 2>&1' EXIT
+trap 'kill -TERM $worker 2>/dev/null; wait $worker; bench/forget-names.sh bench-rate bench-rate.adjust' EXIT
 sleep 2
 echo "rate $rate/s for $((n / 2)) requests:      $(target/release/qty-worker bench --json --rate "$rate" --messages $((n / 2)) --items 100 | figure)"
