@@ -13,9 +13,13 @@ mod harness;
 #[path = "../tests/api/helpers.rs"]
 #[allow(dead_code)]
 mod helpers;
+#[path = "../tests/faults/invariants.rs"]
+mod invariants;
 #[path = "../tests/faults/proxy.rs"]
 #[allow(dead_code)]
 mod proxy;
+#[path = "../tests/faults/publisher.rs"]
+mod publisher;
 
 use clap::Parser;
 use harness::{POSTGRES_START, POSTGRES_UP, RABBITMQ_START, RABBITMQ_UP, Restore, Scenario, sh};

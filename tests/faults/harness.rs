@@ -1,46 +1,26 @@
 //! The fault harness: real worker processes behind TCP proxies, a publisher that
 //! keeps publishing through faults, and the invariant check run after each run.
-//! Shared by the fault tests and by `examples/chaos.rs`.
+//! Shared by the fault tests and by `examples/chaos.rs`; the publisher and the
+//! invariant check have modules of their own.
 
 use crate::helpers::{AMQP_URL, Names, WAIT, http_get};
+pub use crate::invariants::Verdicts;
 use crate::proxy::Proxy;
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
+pub use crate::publisher::{Sent, publish_through_faults};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties};
 use sqlx::PgPool;
-use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
-
-/// One request the publisher sent (perhaps more than once).
-#[derive(Clone, Debug)]
-pub struct Sent {
-    pub message_id: String,
-    pub item: Uuid,
-    pub delta: i64,
-}
 
 /// A worker process of the scenario.
 pub struct WorkerProcess {
     pub child: Child,
     pub http_port: u16,
     pub log: PathBuf,
-}
-
-/// What a finished run found.
-#[derive(Debug, Default)]
-pub struct Verdicts {
-    pub messages: usize,
-    pub replies: usize,
-    pub lost: usize,
-    pub applied_twice: usize,
-    pub unanswered: usize,
-    pub violations: Vec<String>,
 }
 
 pub struct Scenario {
@@ -321,105 +301,6 @@ impl Scenario {
         self.check(&mut verdicts).await;
         verdicts
     }
-
-    async fn check(&self, verdicts: &mut Verdicts) {
-        let replies = drain_queue(&self.reply_queue()).await;
-        let leftover = drain_queue(&self.names.queue).await;
-        let dead = drain_queue(&format!("{}.dead", self.names.queue)).await;
-        let v = &mut verdicts.violations;
-
-        let mut by_id: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
-        for body in &replies {
-            let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-            crate::helpers::assert_documented_reply(&value);
-            let id = value["message_id"].as_str().unwrap_or_default().to_owned();
-            by_id.entry(id).or_default().push(body.clone());
-        }
-        let ledger: Vec<(String, Uuid, i64, String)> =
-            sqlx::query_as("select message_id, item_id, delta, outcome from adjustments")
-                .fetch_all(&self.pool)
-                .await
-                .expect("read the ledger");
-        let recorded: HashMap<&str, &(String, Uuid, i64, String)> =
-            ledger.iter().map(|r| (r.0.as_str(), r)).collect();
-
-        let mut distinct: HashMap<&str, &Sent> = HashMap::new();
-        for sent in &self.sent {
-            distinct.insert(sent.message_id.as_str(), sent);
-        }
-        verdicts.messages = distinct.len();
-        verdicts.replies = replies.len();
-        for (id, sent) in &distinct {
-            match recorded.get(id) {
-                None => verdicts.lost += 1,
-                Some(row) if row.1 != sent.item || row.2 != sent.delta => {
-                    v.push(format!("{id}: ledger payload differs"))
-                }
-                Some(_) => {}
-            }
-            match by_id.get(*id) {
-                None => verdicts.unanswered += 1,
-                Some(bodies) if bodies.iter().any(|b| b != &bodies[0]) => {
-                    v.push(format!("{id}: replies differ"))
-                }
-                Some(bodies) => {
-                    let value: serde_json::Value =
-                        serde_json::from_slice(&bodies[0]).unwrap_or_default();
-                    if recorded
-                        .get(id)
-                        .is_some_and(|row| value["outcome"] != row.3.as_str())
-                    {
-                        v.push(format!("{id}: the reply's outcome is not the ledger's"));
-                    }
-                }
-            }
-        }
-        for poison in &self.poison {
-            if recorded.contains_key(poison.as_str()) {
-                v.push(format!("poison {poison} was recorded"));
-            }
-        }
-
-        // qty = start + applied deltas (each recorded once, by the primary key),
-        // so any double application shows here.
-        for (item, start) in &self.items {
-            let applied: i64 = ledger
-                .iter()
-                .filter(|r| r.1 == *item && r.3 == "applied")
-                .map(|r| r.2)
-                .sum();
-            let qty: i64 = sqlx::query_scalar("select qty from items where id = $1")
-                .bind(item)
-                .fetch_one(&self.pool)
-                .await
-                .expect("item");
-            if qty != start + applied {
-                verdicts.applied_twice += 1;
-                v.push(format!(
-                    "item {item}: qty {qty} but start {start} + applied {applied}"
-                ));
-            }
-            if qty < 0 {
-                v.push(format!("item {item}: negative qty {qty}"));
-            }
-        }
-        if !leftover.is_empty() {
-            v.push(format!("{} requests left in the queue", leftover.len()));
-        }
-        if dead.len() != self.poison.len() {
-            v.push(format!(
-                "{} dead-lettered, expected {} (the poison only)",
-                dead.len(),
-                self.poison.len()
-            ));
-        }
-        if verdicts.lost > 0 {
-            v.push(format!("{} requests never recorded", verdicts.lost));
-        }
-        if verdicts.unanswered > 0 {
-            v.push(format!("{} requests never answered", verdicts.unanswered));
-        }
-    }
 }
 
 impl Drop for Scenario {
@@ -456,93 +337,6 @@ async fn terminate(child: &mut Child, index: usize, log: &PathBuf, violations: &
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Takes every message from `queue` (acking it) and returns the bodies.
-async fn drain_queue(queue: &str) -> Vec<Vec<u8>> {
-    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .expect("broker");
-    let channel = connection.create_channel().await.expect("channel");
-    let mut bodies = Vec::new();
-    while let Ok(Some(message)) = channel
-        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-        .await
-    {
-        bodies.push(message.delivery.data.clone());
-    }
-    connection.close(200, "ok".into()).await.ok();
-    bodies
-}
-
-/// Publishes each request until confirmed, reconnecting as often as it takes.
-/// Returns how many publishes were retried.
-pub async fn publish_through_faults(
-    exchange: &str,
-    reply_queue: &str,
-    requests: &[Sent],
-    per_second: u64,
-) -> usize {
-    let retries = AtomicUsize::new(0);
-    let started = Instant::now();
-    let mut link: Option<(Connection, lapin::Channel)> = None;
-    for (n, request) in requests.iter().enumerate() {
-        if per_second > 0 {
-            let due = started + Duration::from_secs_f64(n as f64 / per_second as f64);
-            tokio::time::sleep_until(due.into()).await;
-        }
-        let body =
-            serde_json::json!({ "item_id": request.item, "delta": request.delta }).to_string();
-        loop {
-            if link.is_none() {
-                link = connect_publisher().await;
-                if link.is_none() {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            }
-            let (_, channel) = link.as_ref().expect("connected");
-            let properties = BasicProperties::default()
-                .with_message_id(request.message_id.as_str().into())
-                .with_reply_to(reply_queue.into())
-                .with_content_type("application/json".into())
-                .with_delivery_mode(2);
-            let confirmed = match channel
-                .basic_publish(
-                    exchange.into(),
-                    "qty.adjust".into(),
-                    BasicPublishOptions::default(),
-                    body.as_bytes(),
-                    properties,
-                )
-                .await
-            {
-                Ok(confirm) => confirm.await.map(|c| c.is_ack()).unwrap_or(false),
-                Err(_) => false,
-            };
-            if confirmed {
-                break;
-            }
-            retries.fetch_add(1, Ordering::Relaxed);
-            link = None;
-        }
-    }
-    if let Some((connection, _)) = link {
-        connection.close(200, "done".into()).await.ok();
-    }
-    retries.into_inner()
-}
-
-async fn connect_publisher() -> Option<(Connection, lapin::Channel)> {
-    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .ok()?;
-    let channel = connection.create_channel().await.ok()?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .ok()?;
-    Some((connection, channel))
 }
 
 /// The worker binary: cargo names it for tests; an example finds it beside itself.

@@ -10,7 +10,9 @@ mod harness;
 #[path = "../api/helpers.rs"]
 #[allow(dead_code)]
 mod helpers;
+mod invariants;
 mod proxy;
+mod publisher;
 
 use harness::{POSTGRES_START, POSTGRES_UP, RABBITMQ_START, RABBITMQ_UP, Restore, Scenario, sh};
 use std::time::Duration;

@@ -1,0 +1,140 @@
+//! The invariants every fault run must keep, checked once the workers stopped:
+//! nothing lost, nothing applied twice, every request answered with identical
+//! replies, the queue drained, and only the poison dead-lettered.
+
+use crate::harness::{Scenario, Sent};
+use crate::helpers::AMQP_URL;
+use lapin::options::BasicGetOptions;
+use lapin::{Connection, ConnectionProperties};
+use std::collections::{BTreeMap, HashMap};
+use uuid::Uuid;
+
+/// What a finished run found.
+#[derive(Debug, Default)]
+pub struct Verdicts {
+    pub messages: usize,
+    pub replies: usize,
+    pub lost: usize,
+    pub applied_twice: usize,
+    pub unanswered: usize,
+    pub violations: Vec<String>,
+}
+
+impl Scenario {
+    /// Fills `verdicts` from the queues, the ledger and the items.
+    pub(crate) async fn check(&self, verdicts: &mut Verdicts) {
+        let replies = drain_queue(&self.reply_queue()).await;
+        let leftover = drain_queue(&self.names.queue).await;
+        let dead = drain_queue(&format!("{}.dead", self.names.queue)).await;
+        let v = &mut verdicts.violations;
+
+        let mut by_id: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+        for body in &replies {
+            let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            crate::helpers::assert_documented_reply(&value);
+            let id = value["message_id"].as_str().unwrap_or_default().to_owned();
+            by_id.entry(id).or_default().push(body.clone());
+        }
+        let ledger: Vec<(String, Uuid, i64, String)> =
+            sqlx::query_as("select message_id, item_id, delta, outcome from adjustments")
+                .fetch_all(&self.pool)
+                .await
+                .expect("read the ledger");
+        let recorded: HashMap<&str, &(String, Uuid, i64, String)> =
+            ledger.iter().map(|r| (r.0.as_str(), r)).collect();
+
+        let mut distinct: HashMap<&str, &Sent> = HashMap::new();
+        for sent in &self.sent {
+            distinct.insert(sent.message_id.as_str(), sent);
+        }
+        verdicts.messages = distinct.len();
+        verdicts.replies = replies.len();
+        for (id, sent) in &distinct {
+            match recorded.get(id) {
+                None => verdicts.lost += 1,
+                Some(row) if row.1 != sent.item || row.2 != sent.delta => {
+                    v.push(format!("{id}: ledger payload differs"))
+                }
+                Some(_) => {}
+            }
+            match by_id.get(*id) {
+                None => verdicts.unanswered += 1,
+                Some(bodies) if bodies.iter().any(|b| b != &bodies[0]) => {
+                    v.push(format!("{id}: replies differ"))
+                }
+                Some(bodies) => {
+                    let value: serde_json::Value =
+                        serde_json::from_slice(&bodies[0]).unwrap_or_default();
+                    if recorded
+                        .get(id)
+                        .is_some_and(|row| value["outcome"] != row.3.as_str())
+                    {
+                        v.push(format!("{id}: the reply's outcome is not the ledger's"));
+                    }
+                }
+            }
+        }
+        for poison in &self.poison {
+            if recorded.contains_key(poison.as_str()) {
+                v.push(format!("poison {poison} was recorded"));
+            }
+        }
+
+        // qty = start + applied deltas (each recorded once, by the primary key),
+        // so any double application shows here.
+        for (item, start) in &self.items {
+            let applied: i64 = ledger
+                .iter()
+                .filter(|r| r.1 == *item && r.3 == "applied")
+                .map(|r| r.2)
+                .sum();
+            let qty: i64 = sqlx::query_scalar("select qty from items where id = $1")
+                .bind(item)
+                .fetch_one(&self.pool)
+                .await
+                .expect("item");
+            if qty != start + applied {
+                verdicts.applied_twice += 1;
+                v.push(format!(
+                    "item {item}: qty {qty} but start {start} + applied {applied}"
+                ));
+            }
+            if qty < 0 {
+                v.push(format!("item {item}: negative qty {qty}"));
+            }
+        }
+        if !leftover.is_empty() {
+            v.push(format!("{} requests left in the queue", leftover.len()));
+        }
+        if dead.len() != self.poison.len() {
+            v.push(format!(
+                "{} dead-lettered, expected {} (the poison only)",
+                dead.len(),
+                self.poison.len()
+            ));
+        }
+        if verdicts.lost > 0 {
+            v.push(format!("{} requests never recorded", verdicts.lost));
+        }
+        if verdicts.unanswered > 0 {
+            v.push(format!("{} requests never answered", verdicts.unanswered));
+        }
+    }
+}
+
+/// Takes every message from `queue` (acking it) and returns the bodies.
+async fn drain_queue(queue: &str) -> Vec<Vec<u8>> {
+    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut bodies = Vec::new();
+    while let Ok(Some(message)) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+    {
+        bodies.push(message.delivery.data.clone());
+    }
+    connection.close(200, "ok".into()).await.ok();
+    bodies
+}
