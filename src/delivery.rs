@@ -14,6 +14,7 @@ use crate::outcome::Verdict;
 use crate::reply::{self, ReplyRoute};
 use crate::trace::{TraceParent, join_exported_trace, new_span_id};
 use futures::FutureExt as _;
+use futures::future::BoxFuture;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
@@ -41,7 +42,7 @@ pub fn receive(
     delivery: Delivery,
     replies: Channel,
     lost: CancellationToken,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+) -> BoxFuture<'static, ()> {
     let started = Instant::now();
     let span = delivery_span(&delivery);
     let trace = request_traceparent(&delivery.properties);

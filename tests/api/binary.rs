@@ -177,7 +177,7 @@ async fn sigterm_finishes_in_flight_work_and_exits_zero_with_nothing_unacked() {
     assert_eq!(status.code(), Some(0), "exit status; log:\n{stderr}");
 
     // Every request the worker recorded was replied to, and every one it did not
-    // record is still in the queue, unredelivered: nothing was left unacked.
+    // record is still in the queue: nothing applied was left unacked.
     let recorded = app.ledger_rows().await as usize;
     while answered < recorded {
         app.next_reply().await;
