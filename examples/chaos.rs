@@ -20,9 +20,12 @@ mod invariants;
 mod proxy;
 #[path = "../tests/faults/publisher.rs"]
 mod publisher;
+#[path = "../tests/faults/services.rs"]
+mod services;
 
 use clap::Parser;
-use harness::{POSTGRES_START, POSTGRES_UP, RABBITMQ_START, RABBITMQ_UP, Restore, Scenario, sh};
+use harness::Scenario;
+use services::{Service, close_all_broker_connections};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -153,7 +156,7 @@ async fn inject(s: &mut Scenario, live: &mut Vec<usize>, fault: Fault, turn: usi
         Fault::TerminateDbSessions => {
             s.terminate_db_sessions().await;
         }
-        Fault::CloseBrokerConnections => sh("rabbitmqctl -q close_all_connections chaos"),
+        Fault::CloseBrokerConnections => close_all_broker_connections("chaos"),
         Fault::CutBrokerLink => s.amqp_proxy.cut(),
         Fault::CutDatabaseLink => s.pg_proxy.cut(),
         Fault::StallBrokerLink => {
@@ -166,22 +169,9 @@ async fn inject(s: &mut Scenario, live: &mut Vec<usize>, fault: Fault, turn: usi
             tokio::time::sleep(Duration::from_secs(3)).await;
             s.pg_proxy.resume();
         }
-        Fault::RestartRabbitmq => {
-            let _restore = Restore {
-                check: RABBITMQ_UP,
-                start: RABBITMQ_START,
-            };
-            sh("rabbitmqctl -q shutdown");
-            sh(RABBITMQ_START);
-        }
+        Fault::RestartRabbitmq => drop(Service::Rabbitmq.restart()),
         Fault::RestartPostgres => {
-            let _restore = Restore {
-                check: POSTGRES_UP,
-                start: POSTGRES_START,
-            };
-            sh(
-                "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main restart -m fast",
-            );
+            drop(Service::Postgres.restart());
             s.pool.close().await;
             s.pool = sqlx::PgPool::connect(&s.names.database_url())
                 .await

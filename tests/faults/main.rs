@@ -13,8 +13,10 @@ mod helpers;
 mod invariants;
 mod proxy;
 mod publisher;
+mod services;
 
-use harness::{POSTGRES_START, POSTGRES_UP, RABBITMQ_START, RABBITMQ_UP, Restore, Scenario, sh};
+use harness::Scenario;
+use services::{Service, close_all_broker_connections};
 use std::time::Duration;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -73,7 +75,7 @@ async fn the_broker_closing_every_connection_is_survived() {
     let publisher = s.spawn_publisher(s.plan(1_500, 3), 750);
     for round in 1..=2 {
         s.wait_recorded(400 * round, GENEROUS).await;
-        sh("rabbitmqctl -q close_all_connections 'fault test'");
+        close_all_broker_connections("fault test");
     }
     publisher.await.expect("publisher");
     s.wait_recorded(1_500, GENEROUS).await;
@@ -157,14 +159,7 @@ async fn a_real_rabbitmq_restart_is_survived() {
     s.start_worker().await;
     let publisher = s.spawn_publisher(s.plan(1_500, 5), 500);
     s.wait_recorded(300, GENEROUS).await;
-    {
-        let _restore = Restore {
-            check: RABBITMQ_UP,
-            start: RABBITMQ_START,
-        };
-        sh("rabbitmqctl -q shutdown");
-        sh(RABBITMQ_START);
-    }
+    drop(Service::Rabbitmq.restart());
     publisher.await.expect("publisher");
     s.wait_recorded(1_500, GENEROUS).await;
     s.wait_ready(0).await;
@@ -178,13 +173,7 @@ async fn a_real_postgres_restart_is_survived() {
     s.start_worker().await;
     let publisher = s.spawn_publisher(s.plan(1_500, 6), 500);
     s.wait_recorded(300, GENEROUS).await;
-    {
-        let _restore = Restore {
-            check: POSTGRES_UP,
-            start: POSTGRES_START,
-        };
-        sh("pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main restart -m fast");
-    }
+    drop(Service::Postgres.restart());
     s.pool.close().await;
     s.pool = sqlx::PgPool::connect(&s.names.database_url())
         .await
