@@ -72,6 +72,7 @@ const ROTATION: [Fault; 10] = [
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    build_the_worker();
     let run_for = Duration::from_secs(args.minutes * 60);
     let mut s = Scenario::new("chaos", args.items, 1_000_000_000).await;
     s.start_worker().await;
@@ -179,6 +180,31 @@ async fn inject(s: &mut Scenario, live: &mut Vec<usize>, fault: Fault, turn: usi
         }
         Fault::Poison => s.publish_poison(&format!("chaos-{turn}")).await,
     }
+}
+
+/// `cargo run --example` does not build the crate's binary, and a stale one
+/// without `fault-injection` would not panic on the poison: build it now, with
+/// this example's profile, before any worker starts.
+fn build_the_worker() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let own_dir = std::env::current_exe().expect("own path");
+    let release = own_dir.components().any(|c| c.as_os_str() == "release");
+    let mut build = std::process::Command::new(cargo);
+    build.args([
+        "build",
+        "--features",
+        "fault-injection",
+        "--bin",
+        "qty-worker",
+    ]);
+    if release {
+        build.arg("--release");
+    }
+    let status = build.status().expect("run cargo build");
+    assert!(
+        status.success(),
+        "cannot build qty-worker with fault-injection"
+    );
 }
 
 /// Time until the ledger has grown by `rows` from now.
