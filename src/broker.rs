@@ -162,6 +162,23 @@ pub async fn connect(
     })
 }
 
+/// Declares a server-named queue that lives as long as this connection, for
+/// replies to come back to; returns its name.
+pub async fn declare_private_queue(channel: &Channel) -> lapin::Result<String> {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(queue.name().to_string())
+}
+
 /// Consumes `queue` in no-ack mode: for reply listeners, which lose nothing
 /// that matters if they go away (the ledger answers a retried request).
 pub async fn consume_without_acks(channel: &Channel, queue: &str) -> lapin::Result<Consumer> {

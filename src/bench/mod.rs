@@ -18,8 +18,7 @@ use crate::store;
 use anyhow::{Context as _, ensure};
 use clap::Args;
 use futures::StreamExt as _;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel};
 use std::collections::{HashMap, VecDeque};
 use std::io::IsTerminal as _;
@@ -100,18 +99,7 @@ pub async fn run(connections: &Connections, args: BenchArgs) -> anyhow::Result<R
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let listener = connection.create_channel().await?;
-    let reply_queue = listener
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    let reply_queue = reply_queue.name().to_string();
+    let reply_queue = broker::declare_private_queue(&listener).await?;
     let mut replies = broker::consume_without_acks(&listener, &reply_queue).await?;
 
     if args.backlog {

@@ -226,6 +226,16 @@ impl Reply {
     pub fn message_id(&self) -> Option<String> {
         self.properties.message_id().as_ref().map(|s| s.to_string())
     }
+    /// A text header of the reply (`traceparent`, say).
+    pub fn header(&self, name: &str) -> Option<String> {
+        match self.properties.headers().as_ref()?.inner().get(name)? {
+            lapin::types::AMQPValue::LongString(text) => {
+                Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
+            }
+            _ => None,
+        }
+    }
+
     pub fn correlation_id(&self) -> Option<String> {
         self.properties
             .correlation_id()
@@ -411,19 +421,9 @@ impl Drop for TestApp {
 /// Declares a server-named exclusive queue, optionally bound to `exchange` with
 /// `binding`, and consumes it without acks.
 pub async fn listen(channel: &Channel, binding: Option<(&str, &str)>) -> (String, Consumer) {
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    let name = qty_worker::broker::declare_private_queue(channel)
         .await
         .expect("declare listener queue");
-    let name = queue.name().to_string();
     if let Some((exchange, key)) = binding {
         channel
             .queue_bind(

@@ -101,15 +101,9 @@ async fn the_delivery_span_is_exported_in_the_callers_trace() {
     )
     .await;
     let reply = app.next_reply().await;
-    let outgoing = match reply
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get("traceparent").cloned())
-    {
-        Some(AMQPValue::LongString(text)) => String::from_utf8_lossy(text.as_bytes()).into_owned(),
-        other => panic!("no traceparent on the reply: {other:?}"),
-    };
+    let outgoing = reply
+        .header("traceparent")
+        .expect("no traceparent on the reply");
     let our_span_id = outgoing.split('-').nth(2).expect("span id").to_owned();
 
     // Stopping the worker flushes its exporter.
