@@ -224,6 +224,10 @@ async fn send_reply(
                 ctx.metrics.dependency_error("broker");
                 tracing::warn!(%error, "reply not confirmed");
                 if !replies.status().connected() {
+                    // The broker closed the reply channel (say, the exchange was
+                    // deleted under us). Give up the whole session: the worker
+                    // reconnects and re-declares, and this delivery comes again.
+                    lost.cancel();
                     return false;
                 }
                 if lost

@@ -134,8 +134,12 @@ impl Worker {
                 session.close().await;
                 break;
             }
-            // The connection is gone: its deliveries can no longer be settled.
+            // The session is given up: its deliveries can no longer be settled.
+            // Close what may still be open, so no consumer lingers on it.
             session.lost.cancel();
+            tokio::time::timeout(Duration::from_secs(2), session.close())
+                .await
+                .ok();
             lost_before = true;
             self.ctx.metrics.dependency_error("broker");
             tracing::warn!("broker connection lost; reconnecting");
@@ -157,6 +161,10 @@ impl Worker {
             tokio::select! {
                 biased;
                 () = &mut *shutdown => return true,
+                () = session.lost.cancelled() => {
+                    tracing::warn!("reply channel closed by the broker");
+                    return false;
+                }
                 Some(_) = in_flight.join_next() => {}
                 next = session.consumer.next() => match next {
                     Some(Ok(delivery)) => session.spawn(&self.ctx, in_flight, delivery),

@@ -406,6 +406,10 @@ impl TestApp {
         }
     }
 
+    pub async fn wait_until_ready(&self) {
+        self.worker.wait_until_ready().await;
+    }
+
     pub async fn get(&self, path: &str) -> (u16, String) {
         http_get(self.worker.http_addr, path).await
     }

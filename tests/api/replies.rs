@@ -207,3 +207,65 @@ async fn a_traceparent_on_the_request_goes_on_with_the_reply_in_the_same_trace()
             .is_none_or(|h| !h.contains_key("traceparent"))
     );
 }
+
+#[tokio::test]
+async fn a_reply_channel_closed_by_the_broker_makes_the_worker_reconnect_and_answer() {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions};
+    let app = TestApp::spawn().await;
+    let item = app.create_item(3).await;
+    // Events then have nowhere to go: publishing one closes the reply channel.
+    app.channel
+        .exchange_delete(
+            app.names.exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await
+        .expect("delete the exchange");
+    let props = BasicProperties::default().with_message_id("k-lost-exchange".into());
+    let body = format!(r#"{{"item_id":"{item}","delta":-1}}"#);
+    publish(&app.channel, "", &app.names.queue, props, body.as_bytes()).await;
+
+    let deadline = tokio::time::Instant::now() + crate::helpers::WAIT;
+    loop {
+        let metrics = app.get("/metrics").await.1;
+        if metrics.contains(r#"qty_worker_reconnects_total{dependency="broker"} 1"#) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker never reconnected:\n{metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    app.wait_until_ready().await;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    app.channel
+        .exchange_declare(
+            app.names.exchange.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .expect("the worker declared the exchange again");
+    let mut app = app;
+    app.worker.stop().expect("the worker stops cleanly");
+    let queue = app
+        .channel
+        .queue_declare(app.names.queue.as_str().into(), passive, Default::default())
+        .await
+        .expect("queue exists");
+    assert_eq!(
+        queue.message_count(),
+        0,
+        "the request was answered and acked"
+    );
+    assert_eq!(app.ledger_rows().await, 1);
+    assert_eq!(app.qty(item).await, 2);
+}
