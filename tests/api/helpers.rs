@@ -378,29 +378,35 @@ impl TestApp {
         by_id
     }
 
-    /// Waits until the request queue has no messages ready or unacked.
+    /// Messages ready in the request queue (unacked ones are not counted until
+    /// their channel closes).
+    pub async fn queue_depth(&self) -> u32 {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        self.channel
+            .queue_declare(
+                self.names.queue.as_str().into(),
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .expect("the request queue exists")
+            .message_count()
+    }
+
+    /// Waits until the request queue has no messages ready.
     pub async fn wait_until_queue_drained(&self) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let queue = self
-                .channel
-                .queue_declare(
-                    self.names.queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .expect("the request queue exists");
-            if queue.message_count() == 0 {
+            let depth = self.queue_depth().await;
+            if depth == 0 {
                 return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the request queue still holds {} messages after {WAIT:?}",
-                queue.message_count()
+                "the request queue still holds {depth} messages after {WAIT:?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
