@@ -147,12 +147,22 @@ async fn sigterm_finishes_in_flight_work_and_exits_zero_with_nothing_unacked() {
     let mut app = app;
     app.worker.stop().expect("in-process worker stops");
 
-    let total = 2_000;
+    let total = 3_000;
     for n in 0..total {
         app.adjust(&format!("t-{n}"), item, -1).await;
     }
     let mut child = qty_worker(&app.names)
-        .args(["run", "--http-addr", "127.0.0.1:0", "--prefetch", "50"])
+        // One request per transaction keeps the drain slow enough that the stop
+        // surely lands mid-backlog, even on a fast machine.
+        .args([
+            "run",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--prefetch",
+            "50",
+            "--batch-max",
+            "1",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
