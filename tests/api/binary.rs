@@ -106,10 +106,12 @@ fn scopeguard(names: Names) -> Cleanup {
 #[tokio::test]
 async fn metrics_count_adjustments_by_outcome_and_reason_and_health_answers() {
     let mut app = TestApp::spawn().await;
-    let item = app.create_item(1).await;
-    app.adjust("m-1", item, -1).await;
-    app.adjust("m-2", item, -1).await;
-    app.adjust("m-2", item, -1).await;
+    // Separate items, so the outcomes do not depend on which runs first.
+    let stocked = app.create_item(1).await;
+    let empty = app.create_item(0).await;
+    app.adjust("m-1", stocked, -1).await;
+    app.adjust("m-2", empty, -1).await;
+    app.adjust("m-2", empty, -1).await;
     app.replies(3).await;
     let (status, metrics) = app.get("/metrics").await;
     assert_eq!(status, 200);

@@ -152,6 +152,25 @@ async fn a_slow_transaction_does_not_stall_the_deliveries_behind_it() {
         .expect("lock row");
 
     app.adjust("k-slow", slow_item, -1).await;
+    // Only once its transaction waits on the lock is the next request sent, so
+    // the two cannot share a batch (a batch takes its row locks up front).
+    let deadline = tokio::time::Instant::now() + crate::helpers::WAIT;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .expect("read pg_stat_activity");
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "k-slow never waited on the row lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     app.adjust("k-fast", other_item, -1).await;
     let first = app.next_reply().await;
     assert_eq!(
