@@ -24,11 +24,19 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-type Answer = Result<Adjusted, Arc<StoreError>>;
+type Answer = Result<Verdict, Arc<StoreError>>;
 
 struct Submitted {
     request: Request,
     answer: oneshot::Sender<Answer>,
+}
+
+impl Submitted {
+    /// Sends the request its verdict (or the error that stopped it).
+    fn reply(self, adjusted: Result<Adjusted, Arc<StoreError>>) {
+        let verdict = adjusted.map(|a| Verdict::for_request(&self.request, a.outcome, a.replayed));
+        self.answer.send(verdict).ok();
+    }
 }
 
 /// A handle to the batcher. Cloning it is cheap; the batcher stops when every
@@ -40,7 +48,6 @@ pub struct Applier {
 
 /// A submitted request's verdict, to be awaited.
 pub struct Pending {
-    request: Request,
     answer: oneshot::Receiver<Answer>,
 }
 
@@ -72,16 +79,8 @@ impl Applier {
         let (answer, receiver) = oneshot::channel();
         // A send fails only once the batcher is gone, when the receiver below then
         // reports the request as unanswered.
-        self.queue
-            .send(Submitted {
-                request: request.clone(),
-                answer,
-            })
-            .ok();
-        Pending {
-            request,
-            answer: receiver,
-        }
+        self.queue.send(Submitted { request, answer }).ok();
+        Pending { answer: receiver }
     }
 }
 
@@ -89,15 +88,9 @@ impl Pending {
     /// The verdict, once the request's transaction has committed. Transient
     /// failures never come back: they are retried until they pass.
     pub async fn verdict(self) -> Result<Verdict, Arc<StoreError>> {
-        let adjusted = self
-            .answer
+        self.answer
             .await
-            .unwrap_or_else(|_| Err(Arc::new(StoreError::Permanent(sqlx::Error::WorkerCrashed))))?;
-        Ok(Verdict::for_request(
-            &self.request,
-            adjusted.outcome,
-            adjusted.replayed,
-        ))
+            .unwrap_or_else(|_| Err(Arc::new(StoreError::Permanent(sqlx::Error::WorkerCrashed))))
     }
 }
 
@@ -150,13 +143,13 @@ async fn run_batch(pool: &PgPool, batch: Vec<Submitted>, health: &Health, metric
     match adjust_with_retries(pool, &requests, health, metrics).await {
         Ok(answers) => {
             for (submitted, answer) in batch.into_iter().zip(answers) {
-                submitted.answer.send(Ok(answer)).ok();
+                submitted.reply(Ok(answer));
             }
         }
         Err(error) if batch.len() == 1 => {
             let error = Arc::new(error);
             for submitted in batch {
-                submitted.answer.send(Err(error.clone())).ok();
+                submitted.reply(Err(error.clone()));
             }
         }
         Err(error) => {
@@ -166,7 +159,7 @@ async fn run_batch(pool: &PgPool, batch: Vec<Submitted>, health: &Health, metric
                     .await
                     .map(|mut answers| answers.remove(0))
                     .map_err(Arc::new);
-                submitted.answer.send(answer).ok();
+                submitted.reply(answer);
             }
         }
     }
