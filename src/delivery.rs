@@ -161,15 +161,6 @@ async fn process(
     replies: &Channel,
     lost: &CancellationToken,
 ) -> Settled {
-    #[cfg(feature = "fault-injection")]
-    if delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .is_some_and(|id| id.as_str().starts_with("fault:panic"))
-    {
-        panic!("fault injection: this delivery always fails");
-    }
     let verdict = match decoded {
         Ok(pending) => match lost.run_until_cancelled(pending.verdict()).await {
             Some(Ok(verdict)) => verdict,
