@@ -12,7 +12,9 @@ worker_flags=${2:-}
 shift 2 || shift $#
 bin=target/release/qty-worker
 suffix=$(date +%s%N)
-export DATABASE_URL=${BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/qtyw_bench}
+# A fresh database per run, so no run pays for the ledger its predecessors grew.
+db=qtyw_bench_$suffix
+export DATABASE_URL=${BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/$db}
 export QTY_EXCHANGE=bench-$suffix QTY_QUEUE=bench-$suffix.adjust QTY_LOG_FORMAT=json
 log=$(mktemp -d)
 
@@ -20,6 +22,7 @@ cleanup() {
   for pid in "${pids[@]:-}"; do [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; done
   wait 2>/dev/null || true
   bench/forget-names.sh "$QTY_EXCHANGE" "$QTY_QUEUE"
+  [ -n "${BENCH_DATABASE_URL:-}" ] || psql -q -h 127.0.0.1 -U postgres -c "drop database if exists $db" postgres
 }
 trap cleanup EXIT
 
@@ -34,6 +37,12 @@ while IFS= read -r line; do
 done < "$fifo"
 cat "$fifo" > /dev/null &
 
+# CPU use, in clock ticks, so runs can be compared per message as well as per second.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+broker_pid=$(pgrep -o beam.smp || echo 0)
+broker_before=$(ticks "$broker_pid") bench_before=$(ticks "$bench_pid") busy_before=$(busy)
+
 pids=()
 for n in $(seq 1 "$workers"); do
   if [ -n "${WORKER_CMD:-}" ]; then
@@ -45,19 +54,35 @@ for n in $(seq 1 "$workers"); do
   fi
   pids+=($!)
 done
-peak=0
+peak=0 worker_ticks=0 bench_ticks=0
 while kill -0 "$bench_pid" 2>/dev/null; do
+  sum=0
   for pid in "${pids[@]}"; do
     hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
     [ "${hwm:-0}" -gt "$peak" ] && peak=$hwm
+    sum=$((sum + $(ticks "$pid")))
   done
+  worker_ticks=$sum
+  t=$(ticks "$bench_pid"); [ "$t" -gt 0 ] && bench_ticks=$((t - bench_before))
   sleep 0.2
 done
 wait "$bench_pid"
-python3 - "$log/report.json" "$peak" "$workers" <<'PY'
+broker_ticks=$(( $(ticks "$broker_pid") - broker_before )) busy_ticks=$(( $(busy) - busy_before ))
+python3 - "$log/report.json" "$peak" "$workers" "$(getconf CLK_TCK)" \
+  "$worker_ticks" "$broker_ticks" "$bench_ticks" "$busy_ticks" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
 report["workers"] = int(sys.argv[3])
 report["worker_peak_rss_mib"] = round(int(sys.argv[2]) / 1024, 1)
+hz = int(sys.argv[4])
+worker, broker, bench, busy = (int(t) / hz for t in sys.argv[5:9])
+# CPU seconds from the workers' start to the last reply. "database and rest" is
+# the whole machine's busy time minus the others: PostgreSQL, mostly.
+report["cpu_secs"] = {
+    "workers": round(worker, 2),
+    "broker": round(broker, 2),
+    "bench": round(bench, 2),
+    "database_and_rest": round(busy - worker - broker - bench, 2),
+}
 print(json.dumps(report))
 PY

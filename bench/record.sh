@@ -16,8 +16,12 @@ echo "drain $n, one hot item, 1 worker:     $(bench/drain.sh 1 "" --messages "$n
 for w in 2 4; do
   echo "drain $n, 100 items, $w workers:        $(bench/drain.sh "$w" "" --messages "$n" --items 100 | figure)"
 done
+# The Python baseline runs in its own virtualenv, with pinned client libraries.
+venv=${XDG_CACHE_HOME:-$HOME/.cache}/qty-worker/bench-venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check pika==1.4.4 'psycopg[binary]==3.3.9'
 python_n=$((n / 5))
-echo "drain $python_n, Python worker:        $(WORKER_CMD="python3 bench/python_worker.py" bench/drain.sh 1 "" --messages "$python_n" --items 100 | figure)"
+echo "drain $python_n, Python worker:        $(WORKER_CMD="$venv/bin/python bench/python_worker.py" bench/drain.sh 1 "" --messages "$python_n" --items 100 | figure)"
 
 # Latency at a fixed rate, with the worker already consuming.
 rate=${RATE:-6000}

@@ -6,7 +6,7 @@
 //! content's fault (a permanent database error, a panic) hand the delivery back
 //! to the queue, whose delivery limit dead-letters it if it keeps failing.
 
-use crate::ack;
+use crate::ack::Acks;
 use crate::apply::{Applier, Pending};
 use crate::decode::{Invalid, RequestProps, decode};
 use crate::metrics::{Health, Metrics};
@@ -32,18 +32,23 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
 }
 
-/// Takes one delivery: decodes it and, when valid, submits it to the applier
-/// right away, so requests reach the database in delivery order. Returns the rest
-/// of its handling as a future to spawn. `replies` is a confirm-mode channel on
-/// the same connection; `lost` fires when that connection is gone, at which point
-/// the delivery can no longer be acked and is left for the broker to redeliver.
-pub fn receive(
-    ctx: &Arc<Context>,
-    delivery: Delivery,
-    replies: Channel,
-    lost: CancellationToken,
-) -> BoxFuture<'static, ()> {
+/// The broker session a delivery came in on.
+pub struct Link {
+    /// A confirm-mode channel on the same connection, for replies.
+    pub replies: Channel,
+    /// Settles deliveries on the channel that delivered them.
+    pub acks: Acks,
+    /// Fires when the connection is given up, at which point the delivery can no
+    /// longer be acked and is left for the broker to redeliver.
+    pub lost: CancellationToken,
+}
+
+/// Takes one delivery: registers it for settling, decodes it and, when valid,
+/// submits it to the applier right away, so requests reach the database in
+/// delivery order. Returns the rest of its handling as a future to spawn.
+pub fn receive(ctx: &Arc<Context>, delivery: Delivery, link: &Arc<Link>) -> BoxFuture<'static, ()> {
     let started = Instant::now();
+    link.acks.received(delivery.delivery_tag);
     let span = delivery_span(&delivery);
     let trace = request_traceparent(&delivery.properties);
     if let Some(trace) = &trace {
@@ -74,15 +79,7 @@ pub fn receive(
     // Boxed once, here: the handling future is several kilobytes, and moving it
     // by value through `instrument` and `spawn` showed up as a tenth of the
     // worker's CPU (memmove) in a profile.
-    let handling = finish(
-        ctx.clone(),
-        delivery,
-        decoded,
-        route,
-        replies,
-        lost,
-        started,
-    );
+    let handling = finish(ctx.clone(), delivery, decoded, route, link.clone(), started);
     Box::pin(handling.instrument(span))
 }
 
@@ -109,44 +106,44 @@ async fn finish(
     delivery: Delivery,
     decoded: Decoded,
     route: ReplyRoute,
-    replies: Channel,
-    lost: CancellationToken,
+    link: Arc<Link>,
     started: Instant,
 ) {
-    let acker = delivery.acker.clone();
+    let tag = delivery.delivery_tag;
     let outcome = match decoded {
         Ok(decoded) => {
-            AssertUnwindSafe(process(&ctx, delivery, decoded, &route, &replies, &lost))
+            AssertUnwindSafe(process(&ctx, delivery, decoded, &route, &link))
                 .catch_unwind()
                 .await
         }
         Err(panic) => Err(panic),
     };
     match outcome {
-        Ok(Settled::Acked) => {
+        Ok(Settled::Replied) => {
+            link.acks.replied(tag);
             ctx.metrics
                 .processing_seconds
                 .observe(started.elapsed().as_secs_f64());
         }
-        Ok(Settled::Requeue) => requeue(&ctx, &acker).await,
+        Ok(Settled::Requeue) => requeue(&ctx, &link, tag),
         Ok(Settled::Abandoned) => {}
         Err(_panic) => {
             tracing::error!("handling the delivery panicked; handing it back to the queue");
-            requeue(&ctx, &acker).await;
+            requeue(&ctx, &link, tag);
         }
     }
     ctx.metrics.in_flight.dec();
 }
 
-async fn requeue(ctx: &Context, acker: &lapin::Acker) {
-    if ack::requeue(acker).await {
-        ctx.metrics.requeued.inc();
-    }
+fn requeue(ctx: &Context, link: &Link, tag: u64) {
+    link.acks.requeue(tag);
+    ctx.metrics.requeued.inc();
 }
 
 /// How a delivery left `process`.
 enum Settled {
-    Acked,
+    /// The reply is confirmed: the delivery is to be acked.
+    Replied,
     /// Not the content's fault and not transient: let the delivery limit judge.
     Requeue,
     /// The channel is gone; the broker will redeliver.
@@ -158,11 +155,10 @@ async fn process(
     delivery: Delivery,
     decoded: Result<Pending, Box<Invalid>>,
     route: &ReplyRoute,
-    replies: &Channel,
-    lost: &CancellationToken,
+    link: &Link,
 ) -> Settled {
     let verdict = match decoded {
-        Ok(pending) => match lost.run_until_cancelled(pending.verdict()).await {
+        Ok(pending) => match link.lost.run_until_cancelled(pending.verdict()).await {
             Some(Ok(verdict)) => verdict,
             Some(Err(error)) => {
                 tracing::error!(%error, "cannot apply the request");
@@ -182,15 +178,12 @@ async fn process(
         span.record("reason", reason);
     }
 
-    if !send_reply(ctx, replies, route, &verdict, lost).await {
-        return Settled::Abandoned;
-    }
-    if !ack::ack(&delivery.acker).await {
+    if !send_reply(ctx, &link.replies, route, &verdict, &link.lost).await {
         return Settled::Abandoned;
     }
     // Per request, so debug: at thousands a second an info line each costs ~10%.
     tracing::debug!(replayed = verdict.replayed, "request answered");
-    Settled::Acked
+    Settled::Replied
 }
 
 /// Publishes the reply until it is confirmed, or until the connection is lost.

@@ -6,8 +6,9 @@
 //! duplicates. On shutdown the consumer is cancelled first, then whatever is in
 //! flight is finished (replied and acked) within the drain time.
 
+use crate::ack::{self, Acks};
 use crate::apply::Applier;
-use crate::delivery::{self, Context};
+use crate::delivery::{self, Context, Link};
 use crate::metrics::{Health, Metrics};
 use crate::settings::Settings;
 use crate::{broker, http, store};
@@ -136,10 +137,8 @@ impl Worker {
             }
             // The session is given up: its deliveries can no longer be settled.
             // Close what may still be open, so no consumer lingers on it.
-            session.lost.cancel();
-            tokio::time::timeout(Duration::from_secs(2), session.close())
-                .await
-                .ok();
+            session.link.lost.cancel();
+            session.close().await;
             lost_before = true;
             self.ctx.metrics.dependency_error("broker");
             tracing::warn!("broker connection lost; reconnecting");
@@ -161,7 +160,7 @@ impl Worker {
             tokio::select! {
                 biased;
                 () = &mut *shutdown => return true,
-                () = session.lost.cancelled() => {
+                () = session.link.lost.cancelled() => {
                     tracing::warn!("reply channel closed by the broker");
                     return false;
                 }
@@ -186,10 +185,11 @@ impl Worker {
 struct Session {
     connection: Connection,
     deliveries: Channel,
-    replies: Channel,
     consumer: Consumer,
-    /// Fires when this connection is given up, so handlers stop waiting on it.
-    lost: CancellationToken,
+    /// What the handlers of this session's deliveries share.
+    link: Arc<Link>,
+    /// Sends the acks `link.acks` decides on.
+    settling: ack::Sender,
 }
 
 impl Session {
@@ -213,22 +213,25 @@ impl Session {
             )
             .await
             .context("cannot start consuming")?;
+        let lost = CancellationToken::new();
+        // Half the prefetch may wait behind a slow delivery for a joint ack.
+        let hold = usize::from(settings.worker.prefetch).div_ceil(2);
+        let (acks, settling) = Acks::start(deliveries.clone(), hold, lost.clone());
         Ok(Session {
             connection,
             deliveries,
-            replies,
             consumer,
-            lost: CancellationToken::new(),
+            link: Arc::new(Link {
+                replies,
+                acks,
+                lost,
+            }),
+            settling,
         })
     }
 
     fn spawn(&self, ctx: &Arc<Context>, in_flight: &mut JoinSet<()>, delivery: Delivery) {
-        in_flight.spawn(delivery::receive(
-            ctx,
-            delivery,
-            self.replies.clone(),
-            self.lost.clone(),
-        ));
+        in_flight.spawn(delivery::receive(ctx, delivery, &self.link));
     }
 
     /// Stops taking deliveries, then finishes those already received, up to the
@@ -247,12 +250,7 @@ impl Session {
         let finish = async {
             if cancelled.is_ok() {
                 while let Some(Ok(delivery)) = self.consumer.next().await {
-                    in_flight.spawn(delivery::receive(
-                        &worker.ctx,
-                        delivery,
-                        self.replies.clone(),
-                        self.lost.clone(),
-                    ));
+                    self.spawn(&worker.ctx, in_flight, delivery);
                 }
             }
             while in_flight.join_next().await.is_some() {}
@@ -262,20 +260,33 @@ impl Session {
                 left = in_flight.len(),
                 "drain time is up; unfinished deliveries go back to the queue"
             );
-            self.lost.cancel();
+            self.link.lost.cancel();
             in_flight.shutdown().await;
         }
     }
 
+    /// Sends the acks still queued, then closes the channels and the connection.
+    /// Handlers still running on a lost session give up at once, so the wait for
+    /// their acks is short; it is bounded all the same.
     async fn close(self) {
-        self.replies.close(200, "worker stopping".into()).await.ok();
-        self.deliveries
-            .close(200, "worker stopping".into())
-            .await
-            .ok();
-        self.connection
-            .close(200, "worker stopping".into())
-            .await
-            .ok();
+        let Session {
+            connection,
+            deliveries,
+            consumer,
+            link,
+            settling,
+        } = self;
+        drop(consumer);
+        let replies = link.replies.clone();
+        drop(link);
+        let limit = Duration::from_secs(2);
+        tokio::time::timeout(limit, settling.finish()).await.ok();
+        tokio::time::timeout(limit, async {
+            replies.close(200, "worker stopping".into()).await.ok();
+            deliveries.close(200, "worker stopping".into()).await.ok();
+            connection.close(200, "worker stopping".into()).await.ok();
+        })
+        .await
+        .ok();
     }
 }

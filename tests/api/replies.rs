@@ -3,7 +3,7 @@
 
 use crate::helpers::{TestApp, listen, next_reply, publish};
 use lapin::BasicProperties;
-use sqlx::Connection as _;
+use uuid::Uuid;
 
 #[tokio::test]
 async fn a_reply_carries_type_persistence_correlation_and_a_stable_message_id() {
@@ -134,14 +134,13 @@ async fn a_request_published_straight_to_the_queue_is_handled() {
     assert_eq!(app.next_reply().await.body["qty"].as_i64(), Some(5));
 }
 
-#[tokio::test]
-async fn a_slow_transaction_does_not_stall_the_deliveries_behind_it() {
-    let mut app = TestApp::spawn().await;
-    let slow_item = app.create_item(10).await;
-    let other_item = app.create_item(10).await;
-
-    // Hold the first item's row lock so its adjustment waits in the database.
-    let mut blocker = sqlx::PgConnection::connect(&app.names.database_url())
+/// Publishes `k-slow` for `slow_item` while the returned transaction holds that
+/// item's row lock, and returns once `k-slow` waits on it in the database.
+async fn publish_behind_a_row_lock(
+    app: &TestApp,
+    slow_item: Uuid,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let blocker = sqlx::PgPool::connect(&app.names.database_url())
         .await
         .expect("blocker");
     let mut lock = blocker.begin().await.expect("begin");
@@ -152,8 +151,8 @@ async fn a_slow_transaction_does_not_stall_the_deliveries_behind_it() {
         .expect("lock row");
 
     app.adjust("k-slow", slow_item, -1).await;
-    // Only once its transaction waits on the lock is the next request sent, so
-    // the two cannot share a batch (a batch takes its row locks up front).
+    // Only once its transaction waits on the lock are other requests sent, so
+    // they cannot share its batch (a batch takes its row locks up front).
     let deadline = tokio::time::Instant::now() + crate::helpers::WAIT;
     loop {
         let waiting: i64 = sqlx::query_scalar(
@@ -163,7 +162,7 @@ async fn a_slow_transaction_does_not_stall_the_deliveries_behind_it() {
         .await
         .expect("read pg_stat_activity");
         if waiting > 0 {
-            break;
+            return lock;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -171,6 +170,15 @@ async fn a_slow_transaction_does_not_stall_the_deliveries_behind_it() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+}
+
+#[tokio::test]
+async fn a_slow_transaction_does_not_stall_the_deliveries_behind_it() {
+    let mut app = TestApp::spawn().await;
+    let slow_item = app.create_item(10).await;
+    let other_item = app.create_item(10).await;
+
+    let lock = publish_behind_a_row_lock(&app, slow_item).await;
     app.adjust("k-fast", other_item, -1).await;
     let first = app.next_reply().await;
     assert_eq!(
@@ -182,6 +190,32 @@ async fn a_slow_transaction_does_not_stall_the_deliveries_behind_it() {
     let second = app.next_reply().await;
     assert_eq!(second.body["message_id"], "k-slow");
     assert_eq!(second.body["qty"].as_i64(), Some(9));
+}
+
+#[tokio::test]
+async fn deliveries_answered_behind_a_slow_one_are_acked_without_waiting_for_it() {
+    // With a prefetch of 4, acks held back until `k-slow` finished would stop
+    // the broker after 3 more deliveries; 12 requests get through only if the
+    // ones answered behind it are acked while it still waits.
+    let mut app = TestApp::spawn_with(|s| s.worker.prefetch = 4).await;
+    let slow_item = app.create_item(10).await;
+    let other_item = app.create_item(100).await;
+
+    let lock = publish_behind_a_row_lock(&app, slow_item).await;
+    for n in 0..12 {
+        app.adjust(&format!("k-fast-{n}"), other_item, -1).await;
+    }
+    let answered = app.replies_by_message_id(12).await;
+    assert!(!answered.contains_key("k-slow"));
+
+    lock.rollback().await.expect("release the lock");
+    assert_eq!(app.next_reply().await.body["message_id"], "k-slow");
+    app.worker.stop().expect("the worker stops cleanly");
+    assert_eq!(app.queue_depth().await, 0, "every delivery was acked");
+    assert_eq!(
+        (app.qty(slow_item).await, app.qty(other_item).await),
+        (9, 88)
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# A/B: alternate backlog drains between two worker binaries in one session, so
+# both see the same machine, and print each run plus the ratio of the medians.
+#
+#   bench/compare.sh BASELINE_BIN CANDIDATE_BIN [ROUNDS] [BENCH FLAGS…]
+#   bench/compare.sh /tmp/qty-worker-before target/release/qty-worker 3 --messages 50000
+set -euo pipefail
+cd "$(dirname "$0")/.."
+base=${1:?baseline binary} cand=${2:?candidate binary} rounds=${3:-3}
+shift 3 || shift $#
+[ $# -gt 0 ] || set -- --messages 50000 --items 100
+results=$(mktemp)
+for round in $(seq 1 "$rounds"); do
+  for side in base cand; do
+    bin=$base; [ "$side" = cand ] && bin=$cand
+    report=$(WORKER_CMD="$bin run --http-addr 127.0.0.1:0" bench/drain.sh 1 "" "$@")
+    echo "$report" | python3 -c "import json,sys; r=json.load(sys.stdin); print('$side', r['throughput_per_sec'], r['invariants_hold'])" >> "$results"
+    echo "round $round $side: $(echo "$report" | python3 bench/figure.py)"
+  done
+done
+python3 - "$results" <<'PY'
+import statistics, sys
+runs = {"base": [], "cand": []}
+for line in open(sys.argv[1]):
+    side, rate, ok = line.split()
+    assert ok == "True", "invariants broken"
+    runs[side].append(float(rate))
+b, c = statistics.median(runs["base"]), statistics.median(runs["cand"])
+print(f"median baseline {b:.0f} msg/s, candidate {c:.0f} msg/s, candidate/baseline {c / b:.2f}")
+PY
