@@ -13,7 +13,8 @@ results=$(mktemp)
 for round in $(seq 1 "$rounds"); do
   for side in base cand; do
     bin=$base; [ "$side" = cand ] && bin=$cand
-    report=$(WORKER_CMD="$bin run --http-addr 127.0.0.1:0" bench/drain.sh 1 "" "$@")
+    # The bench migrates the database, so it must be the worker's own binary.
+    report=$(QTY_BIN=$bin bench/drain.sh 1 "" "$@")
     echo "$report" | python3 -c "import json,sys; r=json.load(sys.stdin); print('$side', r['throughput_per_sec'], r['invariants_hold'])" >> "$results"
     echo "round $round $side: $(echo "$report" | python3 bench/figure.py)"
   done

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One backlog drain: publish N requests with no worker running, start W workers,
 # time the drain from the first reply to the last, and report the workers' peak
-# RSS. Extra arguments go to `qty-worker bench`.
+# RSS and the CPU time each process spent (seconds, in `cpu_secs`). Extra
+# arguments go to `qty-worker bench`. QTY_BIN picks the binary (default
+# target/release/qty-worker); WORKER_CMD runs another worker instead.
 #
 #   bench/drain.sh WORKERS "WORKER FLAGS" [BENCH FLAGS…]
 #   bench/drain.sh 1 "--prefetch 500" --messages 50000 --items 100
@@ -10,7 +12,7 @@ cd "$(dirname "$0")/.."
 workers=${1:?number of workers}
 worker_flags=${2:-}
 shift 2 || shift $#
-bin=target/release/qty-worker
+bin=${QTY_BIN:-target/release/qty-worker}
 suffix=$(date +%s%N)
 # A fresh database per run, so no run pays for the ledger its predecessors grew.
 db=qtyw_bench_$suffix
@@ -41,7 +43,10 @@ cat "$fifo" > /dev/null &
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 broker_pid=$(pgrep -o beam.smp || echo 0)
+# PostgreSQL's processes: the server's own and the backends serving the runs.
+database() { local sum=0; for pid in $(pgrep -u postgres); do sum=$((sum + $(ticks "$pid"))); done; echo $sum; }
 broker_before=$(ticks "$broker_pid") bench_before=$(ticks "$bench_pid") busy_before=$(busy)
+database_before=$(database)
 
 pids=()
 for n in $(seq 1 "$workers"); do
@@ -57,7 +62,13 @@ done
 peak=0 worker_ticks=0 bench_ticks=0
 while kill -0 "$bench_pid" 2>/dev/null; do
   sum=0
-  for pid in "${pids[@]}"; do
+  for n in "${!pids[@]}"; do
+    pid=${pids[$n]}
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "worker $((n + 1)) exited before the drain ended; its log:" >&2
+      tail -n 20 "$log/worker-$((n + 1)).log" >&2
+      exit 1
+    fi
     hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
     [ "${hwm:-0}" -gt "$peak" ] && peak=$hwm
     sum=$((sum + $(ticks "$pid")))
@@ -68,21 +79,23 @@ while kill -0 "$bench_pid" 2>/dev/null; do
 done
 wait "$bench_pid"
 broker_ticks=$(( $(ticks "$broker_pid") - broker_before )) busy_ticks=$(( $(busy) - busy_before ))
+database_ticks=$(( $(database) - database_before ))
 python3 - "$log/report.json" "$peak" "$workers" "$(getconf CLK_TCK)" \
-  "$worker_ticks" "$broker_ticks" "$bench_ticks" "$busy_ticks" <<'PY'
+  "$worker_ticks" "$broker_ticks" "$bench_ticks" "$database_ticks" "$busy_ticks" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
 report["workers"] = int(sys.argv[3])
 report["worker_peak_rss_mib"] = round(int(sys.argv[2]) / 1024, 1)
 hz = int(sys.argv[4])
-worker, broker, bench, busy = (int(t) / hz for t in sys.argv[5:9])
-# CPU seconds from the workers' start to the last reply. "database and rest" is
-# the whole machine's busy time minus the others: PostgreSQL, mostly.
+worker, broker, bench, database, busy = (int(t) / hz for t in sys.argv[5:10])
+# CPU seconds from the workers' start to the last reply. "rest" is the whole
+# machine's busy time minus the others: the kernel's network work, mostly.
 report["cpu_secs"] = {
     "workers": round(worker, 2),
     "broker": round(broker, 2),
+    "database": round(database, 2),
     "bench": round(bench, 2),
-    "database_and_rest": round(busy - worker - broker - bench, 2),
+    "rest": round(busy - worker - broker - bench - database, 2),
 }
 print(json.dumps(report))
 PY

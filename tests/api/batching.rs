@@ -253,3 +253,58 @@ async fn concurrent_duplicates_that_lock_no_item_are_still_recorded_once() {
     }
     assert_eq!(replayed, 7 * 50, "each key answered first exactly once");
 }
+
+#[tokio::test]
+async fn the_ledger_lookup_never_scans_the_whole_ledger_however_much_it_grew() {
+    use sqlx::Connection as _;
+    let db = TestDb::create().await;
+    db.seed(&[(Uuid::from_u128(1), 1_000)]).await;
+    // One connection throughout: PL/pgSQL keeps its plans per connection, and the
+    // ones made while the ledger was empty must still fit once it is large.
+    let mut connection = sqlx::PgConnection::connect(&db.names.database_url())
+        .await
+        .expect("connect");
+    let batch = |round: usize| {
+        let ids: Vec<String> = (0..50).map(|n| format!("r{round}-{n}")).collect();
+        (ids, vec![Uuid::from_u128(1); 50], vec![1_i64; 50])
+    };
+    let call = "select count(*) from qty_adjust($1, $2, $3)";
+    for round in 0..8 {
+        let (ids, items, deltas) = batch(round);
+        sqlx::query(call)
+            .bind(&ids)
+            .bind(&items)
+            .bind(&deltas)
+            .execute(&mut connection)
+            .await
+            .expect("adjust");
+    }
+    sqlx::query(
+        "insert into adjustments (message_id, item_id, delta, outcome, qty_after)
+         select 'old-' || n, gen_random_uuid(), 1, 'applied', 1 from generate_series(1, 20000) n",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("grow the ledger");
+
+    // This backend's table scans not yet reported, which include the call's own.
+    let scans = "select seq_scan from pg_stat_xact_user_tables where relname = 'adjustments'";
+    let mut transaction = connection.begin().await.expect("begin");
+    let before: i64 = sqlx::query_scalar(scans)
+        .fetch_one(&mut *transaction)
+        .await
+        .expect("read the table statistics");
+    let (ids, items, deltas) = batch(8);
+    sqlx::query(call)
+        .bind(&ids)
+        .bind(&items)
+        .bind(&deltas)
+        .execute(&mut *transaction)
+        .await
+        .expect("adjust");
+    let after: i64 = sqlx::query_scalar(scans)
+        .fetch_one(&mut *transaction)
+        .await
+        .expect("read the table statistics");
+    assert_eq!(after - before, 0, "qty_adjust read the whole ledger");
+}
