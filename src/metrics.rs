@@ -78,7 +78,7 @@ impl Metrics {
         let processing_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register(
             "processing_seconds",
-            "Time from receiving a delivery to acking it",
+            "Time from receiving a delivery to its confirmed reply, when its ack is decided",
             processing_seconds.clone(),
         );
         let dependency_errors = Family::<DependencyLabels, Counter>::default();
