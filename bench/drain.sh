@@ -21,7 +21,11 @@ export QTY_EXCHANGE=bench-$suffix QTY_QUEUE=bench-$suffix.adjust QTY_LOG_FORMAT=
 log=$(mktemp -d)
 
 cleanup() {
-  for pid in "${pids[@]:-}"; do [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; done
+  # A process may be gone already (a worker that died, a bench that finished);
+  # `|| true` keeps errexit from skipping the rest of the clean-up.
+  for pid in "${pids[@]:-}" "${bench_pid:-}"; do
+    [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null || true
+  done
   wait 2>/dev/null || true
   bench/forget-names.sh "$QTY_EXCHANGE" "$QTY_QUEUE"
   [ -n "${BENCH_DATABASE_URL:-}" ] || psql -q -h 127.0.0.1 -U postgres -c "drop database if exists $db" postgres
