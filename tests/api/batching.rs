@@ -254,6 +254,18 @@ async fn concurrent_duplicates_that_lock_no_item_are_still_recorded_once() {
     assert_eq!(replayed, 7 * 50, "each key answered first exactly once");
 }
 
+/// Calls `qty_adjust` with 50 new requests for item 1 on `connection`.
+async fn adjust_on(connection: &mut sqlx::PgConnection, round: usize) {
+    let ids: Vec<String> = (0..50).map(|n| format!("r{round}-{n}")).collect();
+    sqlx::query("select count(*) from qty_adjust($1, $2, $3)")
+        .bind(&ids)
+        .bind(vec![Uuid::from_u128(1); 50])
+        .bind(vec![1_i64; 50])
+        .execute(connection)
+        .await
+        .expect("adjust");
+}
+
 #[tokio::test]
 async fn the_ledger_lookup_never_scans_the_whole_ledger_however_much_it_grew() {
     use sqlx::Connection as _;
@@ -264,20 +276,8 @@ async fn the_ledger_lookup_never_scans_the_whole_ledger_however_much_it_grew() {
     let mut connection = sqlx::PgConnection::connect(&db.names.database_url())
         .await
         .expect("connect");
-    let batch = |round: usize| {
-        let ids: Vec<String> = (0..50).map(|n| format!("r{round}-{n}")).collect();
-        (ids, vec![Uuid::from_u128(1); 50], vec![1_i64; 50])
-    };
-    let call = "select count(*) from qty_adjust($1, $2, $3)";
     for round in 0..8 {
-        let (ids, items, deltas) = batch(round);
-        sqlx::query(call)
-            .bind(&ids)
-            .bind(&items)
-            .bind(&deltas)
-            .execute(&mut connection)
-            .await
-            .expect("adjust");
+        adjust_on(&mut connection, round).await;
     }
     sqlx::query(
         "insert into adjustments (message_id, item_id, delta, outcome, qty_after)
@@ -294,14 +294,7 @@ async fn the_ledger_lookup_never_scans_the_whole_ledger_however_much_it_grew() {
         .fetch_one(&mut *transaction)
         .await
         .expect("read the table statistics");
-    let (ids, items, deltas) = batch(8);
-    sqlx::query(call)
-        .bind(&ids)
-        .bind(&items)
-        .bind(&deltas)
-        .execute(&mut *transaction)
-        .await
-        .expect("adjust");
+    adjust_on(&mut transaction, 8).await;
     let after: i64 = sqlx::query_scalar(scans)
         .fetch_one(&mut *transaction)
         .await
