@@ -6,26 +6,28 @@
 //! cargo run --release --features fault-injection --example chaos -- --messages 100000 --minutes 10
 //! ```
 //!
-//! It restarts the local RabbitMQ and PostgreSQL: run it on a machine of your own.
+//! It runs on servers of its own, started in temporary directories on free ports
+//! and removed at the end: a PostgreSQL primary with a synchronous standby, and a
+//! 3-node RabbitMQ cluster. The workers reach every host and node through a TCP
+//! proxy of the harness's, so links can be cut and stalled.
 
 #[path = "../tests/faults/harness.rs"]
+#[allow(dead_code)]
 mod harness;
 #[path = "../tests/api/helpers.rs"]
 #[allow(dead_code)]
 mod helpers;
 #[path = "../tests/faults/invariants.rs"]
 mod invariants;
-#[path = "../tests/faults/proxy.rs"]
-#[allow(dead_code)]
-mod proxy;
 #[path = "../tests/faults/publisher.rs"]
 mod publisher;
-#[path = "../tests/faults/services.rs"]
-mod services;
+#[path = "../tests/faults/servers.rs"]
+#[allow(dead_code)]
+mod servers;
 
 use clap::Parser;
-use harness::Scenario;
-use services::{Service, close_all_broker_connections};
+use harness::{Own, Scenario};
+use qty_test_support::proxy::Proxy;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -54,9 +56,12 @@ enum Fault {
     RestartRabbitmq,
     RestartPostgres,
     Poison,
+    ReadOnlyDatabase,
+    Failover,
+    LoseClusterNode,
 }
 
-const ROTATION: [Fault; 10] = [
+const ROTATION: [Fault; 13] = [
     Fault::KillWorker,
     Fault::TerminateDbSessions,
     Fault::CutBrokerLink,
@@ -67,14 +72,49 @@ const ROTATION: [Fault; 10] = [
     Fault::StallDatabaseLink,
     Fault::RestartPostgres,
     Fault::RestartRabbitmq,
+    Fault::ReadOnlyDatabase,
+    Fault::LoseClusterNode,
+    Fault::Failover,
 ];
+
+/// Proxies in front of every PostgreSQL host and RabbitMQ node; the scenario's
+/// own pair fronts the primary and the first node.
+struct Links {
+    databases: Vec<Proxy>,
+    brokers: Vec<Proxy>,
+}
 
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
     build_the_worker();
     let run_for = Duration::from_secs(args.minutes * 60);
-    let mut s = Scenario::new("chaos", args.items, 1_000_000_000).await;
+    let own = Own {
+        postgres: true,
+        standby: true,
+        rabbitmq_nodes: 3,
+    };
+    let Some(mut s) = Scenario::on("chaos", args.items, 1_000_000_000, own).await else {
+        std::process::exit(1);
+    };
+    let standby = s.servers.standby.as_ref().expect("a standby").addr();
+    let cluster = s.servers.rabbitmq.as_ref().expect("a cluster");
+    let links = Links {
+        databases: vec![Proxy::start(standby).await],
+        brokers: vec![
+            Proxy::start(cluster.node(1).addr()).await,
+            Proxy::start(cluster.node(2).addr()).await,
+        ],
+    };
+    s.worker_database_url = format!(
+        "postgres://postgres@{},{}/{}?target_session_attrs=read-write&application_name=qty-worker-fault",
+        s.pg_proxy.addr, links.databases[0].addr, s.names.database
+    );
+    s.worker_amqp_url = std::iter::once(&s.amqp_proxy)
+        .chain(&links.brokers)
+        .map(|proxy| format!("amqp://guest:guest@{}/%2f?heartbeat=2", proxy.addr))
+        .collect::<Vec<_>>()
+        .join(",");
     s.start_worker().await;
     s.start_worker().await;
     let mut live: Vec<usize> = vec![0, 1];
@@ -92,7 +132,7 @@ async fn main() {
     while started.elapsed() + Duration::from_secs(20) < run_for && !publisher.is_finished() {
         let fault = ROTATION[turn % ROTATION.len()];
         turn += 1;
-        inject(&mut s, &mut live, fault, turn).await;
+        inject(&mut s, &links, &mut live, fault, turn).await;
         *injected.entry(fault).or_default() += 1;
         let resumed = time_to_progress(&s, 20, Duration::from_secs(180)).await;
         recovery.entry(fault).or_default().push(resumed);
@@ -146,7 +186,10 @@ async fn main() {
     }
 }
 
-async fn inject(s: &mut Scenario, live: &mut Vec<usize>, fault: Fault, turn: usize) {
+async fn inject(s: &mut Scenario, links: &Links, live: &mut Vec<usize>, fault: Fault, turn: usize) {
+    let databases = || std::iter::once(&s.pg_proxy).chain(&links.databases);
+    let brokers = || std::iter::once(&s.amqp_proxy).chain(&links.brokers);
+    let nodes = s.servers.rabbitmq.as_ref().expect("a cluster").nodes.len();
     match fault {
         Fault::KillWorker => {
             let victim = live.remove(turn % live.len());
@@ -157,26 +200,60 @@ async fn inject(s: &mut Scenario, live: &mut Vec<usize>, fault: Fault, turn: usi
         Fault::TerminateDbSessions => {
             s.terminate_db_sessions().await;
         }
-        Fault::CloseBrokerConnections => close_all_broker_connections("chaos"),
-        Fault::CutBrokerLink => s.amqp_proxy.cut(),
-        Fault::CutDatabaseLink => s.pg_proxy.cut(),
+        Fault::CloseBrokerConnections => {
+            for node in 0..nodes {
+                s.rabbitmq_node(node).close_all_connections("chaos");
+            }
+        }
+        Fault::CutBrokerLink => brokers().for_each(Proxy::cut),
+        Fault::CutDatabaseLink => databases().for_each(Proxy::cut),
         Fault::StallBrokerLink => {
-            s.amqp_proxy.stall();
+            brokers().for_each(Proxy::stall);
             tokio::time::sleep(Duration::from_secs(6)).await;
-            s.amqp_proxy.resume();
+            brokers().for_each(Proxy::resume);
         }
         Fault::StallDatabaseLink => {
-            s.pg_proxy.stall();
+            databases().for_each(Proxy::stall);
             tokio::time::sleep(Duration::from_secs(3)).await;
-            s.pg_proxy.resume();
+            databases().for_each(Proxy::resume);
         }
-        Fault::RestartRabbitmq => drop(Service::Rabbitmq.restart()),
+        Fault::RestartRabbitmq => s.rabbitmq_node(turn % nodes).restart(),
+        Fault::LoseClusterNode => {
+            let node = s.rabbitmq_node(turn % nodes);
+            node.stop_app();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            node.start_app();
+        }
         Fault::RestartPostgres => {
-            drop(Service::Postgres.restart());
-            s.pool.close().await;
-            s.pool = sqlx::PgPool::connect(&s.names.database_url())
-                .await
-                .expect("reconnect the harness");
+            s.primary().restart();
+            let url = s.primary().url(&s.names.database);
+            s.reconnect_pool(&url).await;
+        }
+        Fault::ReadOnlyDatabase => {
+            let database = s.names.database.clone();
+            s.primary().query(&format!(
+                "alter database {database} set default_transaction_read_only = on"
+            ));
+            s.primary().query(&format!(
+                "select pg_terminate_backend(pid) from pg_stat_activity where datname = '{database}'"
+            ));
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            s.primary().query(&format!(
+                "alter database {database} reset default_transaction_read_only"
+            ));
+        }
+        Fault::Failover => {
+            // The primary dies, the standby is promoted, and the old primary is
+            // rebuilt as the new one's standby, so the next failover can happen.
+            let old = s.servers.primary.take().expect("a primary");
+            let new = s.servers.standby.take().expect("a standby");
+            old.stop_immediately();
+            new.promote();
+            old.rebuild_as_standby_of(&new);
+            let url = new.url(&s.names.database);
+            s.servers.primary = Some(new);
+            s.servers.standby = Some(old);
+            s.reconnect_pool(&url).await;
         }
         Fault::Poison => s.publish_poison(&format!("chaos-{turn}")).await,
     }

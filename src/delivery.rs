@@ -9,7 +9,8 @@
 use crate::ack::Acks;
 use crate::apply::{Applier, Pending};
 use crate::decode::{Invalid, RequestProps, decode};
-use crate::metrics::{Health, Metrics};
+use crate::health::Health;
+use crate::metrics::Metrics;
 use crate::outcome::Verdict;
 use crate::reply::{self, ReplyRoute};
 use crate::trace::{TraceParent, join_exported_trace, new_span_id};
@@ -20,7 +21,7 @@ use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, Span};
 
@@ -167,6 +168,7 @@ async fn process(
             None => return Settled::Abandoned,
         },
         Err(invalid) => {
+            // A publisher is sending something wrong: an operator should see which.
             tracing::debug!(body = %String::from_utf8_lossy(&delivery.data), "invalid request body");
             Verdict::for_invalid(&invalid)
         }
@@ -178,53 +180,21 @@ async fn process(
         span.record("reason", reason);
     }
 
-    if !send_reply(ctx, &link.replies, route, &verdict, &link.lost).await {
+    let confirmed = reply::send_until_confirmed(
+        &link.replies,
+        &ctx.exchange,
+        route,
+        &verdict,
+        &link.lost,
+        &ctx.metrics,
+    )
+    .await;
+    if !confirmed {
         return Settled::Abandoned;
     }
     // Per request, so debug: at thousands a second an info line each costs ~10%.
     tracing::debug!(replayed = verdict.replayed, "request answered");
     Settled::Replied
-}
-
-/// Publishes the reply until it is confirmed, or until the connection is lost.
-/// A refused publish on a live channel is retried: giving up would leave the
-/// delivery unacked on a channel that may live for days.
-async fn send_reply(
-    ctx: &Context,
-    replies: &Channel,
-    route: &ReplyRoute,
-    verdict: &Verdict,
-    lost: &CancellationToken,
-) -> bool {
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        let sent = lost
-            .run_until_cancelled(reply::send(replies, &ctx.exchange, route, verdict))
-            .await;
-        match sent {
-            None => return false,
-            Some(Ok(())) => return true,
-            Some(Err(error)) => {
-                ctx.metrics.dependency_error("broker");
-                tracing::warn!(%error, "reply not confirmed");
-                if !replies.status().connected() {
-                    // The broker closed the reply channel (say, the exchange was
-                    // deleted under us). Give up the whole session: the worker
-                    // reconnects and re-declares, and this delivery comes again.
-                    lost.cancel();
-                    return false;
-                }
-                if lost
-                    .run_until_cancelled(tokio::time::sleep(backoff))
-                    .await
-                    .is_none()
-                {
-                    return false;
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
 }
 
 /// One span per delivery; `outcome` and `reason` are filled in once known.

@@ -1,15 +1,16 @@
 //! The HTTP listener: `/metrics` (Prometheus text), `/healthz` (the process is
-//! alive) and `/readyz` (the database answers and the consumer is running).
+//! alive) and `/readyz` (contract §7: the database accepts writes, the consumer
+//! runs and the topology exists; else 503 naming what is not ready).
 
-use crate::metrics::{Health, Metrics};
-use crate::store;
+use crate::health::{DatabaseState, Health};
+use crate::metrics::Metrics;
+use crate::store::{Database, Writability};
 use anyhow::Context as _;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use sqlx::PgPool;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +19,7 @@ use std::time::Duration;
 struct AppState {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-    pool: PgPool,
+    db: Database,
 }
 
 /// How long `/readyz` waits for the database before calling it down.
@@ -30,7 +31,7 @@ pub async fn serve(
     addr: SocketAddr,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-    pool: PgPool,
+    db: Database,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -43,7 +44,7 @@ pub async fn serve(
         .with_state(AppState {
             health,
             metrics,
-            pool,
+            db,
         });
     let task = tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
@@ -56,7 +57,7 @@ pub async fn serve(
 async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
     state
         .metrics
-        .observe_pool(state.pool.size(), state.pool.num_idle());
+        .observe_pool(state.db.pool.size(), state.db.pool.num_idle());
     (
         [(
             header::CONTENT_TYPE,
@@ -67,19 +68,22 @@ async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn readiness(State(state): State<AppState>) -> impl IntoResponse {
-    // Probe rather than trust the last query: an idle worker would not notice.
-    let database = store::ping(&state.pool, DATABASE_PROBE).await;
-    state.health.set_database(database);
-    let broker = state.health.consuming();
-    let status = if database && broker {
+    // Probe rather than trust the last transaction: an idle worker would not
+    // notice its database turning read-only. Before the database is prepared
+    // there is nothing to probe.
+    if state.health.database() != DatabaseState::Starting {
+        let seen = match state.db.writability(DATABASE_PROBE).await {
+            Writability::Writable => DatabaseState::Writable,
+            Writability::ReadOnly => DatabaseState::ReadOnly,
+            Writability::Down => DatabaseState::Down,
+        };
+        state.health.set_database(seen);
+    }
+    let (ready, body) = state.health.report();
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = format!(
-        "database: {}\nbroker: {}\n",
-        if database { "up" } else { "down" },
-        if broker { "consuming" } else { "down" }
-    );
     (status, body)
 }

@@ -1,6 +1,6 @@
 //! qty-worker applies `qty.adjust` requests from RabbitMQ to PostgreSQL: exactly
 //! one effect per `message_id`, at least one reply, and an ack only after the
-//! reply is confirmed. `../shared/contract.md` (mirrored in the README) is the spec.
+//! reply is confirmed. `docs/contract.md` is the contract it keeps.
 //!
 //! # Layout
 //!
@@ -14,10 +14,10 @@
 //! - [`ack`]: settle the delivery on the channel that delivered it.
 //!
 //! Around them: [`outcome`] (the one type behind reply, routing, metrics and logs),
-//! [`store`] (all SQL), [`broker`] (connection and topology), [`metrics`] and
-//! [`http`] (Prometheus, health), [`settings`], [`cli`], [`commands`] (operator
-//! commands), [`bench`] (the load tool), [`telemetry`] and [`trace`]
-//! (W3C trace context on messages).
+//! [`store`] (all SQL), [`broker`] (connections and topology), [`metrics`],
+//! [`health`] and [`http`] (Prometheus, readiness), [`settings`], [`redact`],
+//! [`cli`], [`commands`] (operator commands), [`bench`] (the load tool),
+//! [`telemetry`] and [`trace`] (W3C trace context on messages).
 
 pub mod ack;
 pub mod apply;
@@ -27,9 +27,11 @@ pub mod cli;
 pub mod commands;
 pub mod decode;
 pub mod delivery;
+pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod outcome;
+pub mod redact;
 pub mod reply;
 pub mod settings;
 pub mod store;

@@ -1,7 +1,7 @@
 use clap::Parser as _;
 use qty_worker::cli::{Cli, Command, DeadLettersCommand};
 use qty_worker::commands::{Output, adjust, dead_letters, item, ledger};
-use qty_worker::settings::Settings;
+use qty_worker::settings::{SettingError, Settings};
 use qty_worker::{commands, telemetry};
 use std::process::ExitCode;
 
@@ -47,9 +47,20 @@ async fn main() -> ExitCode {
         Command::Adjust(args) => adjust::run(&cli.connections, args, output).await,
         Command::Bench(args) => commands::bench(&cli.connections, args).await,
     };
-    result.unwrap_or_else(|error| {
-        eprintln!("error: {error:#}");
-        ExitCode::FAILURE
+    result.unwrap_or_else(|error| match error.downcast_ref::<SettingError>() {
+        // A setting that can never work: a usage error, not an outage to wait out.
+        Some(setting) => {
+            if quiet_by_default {
+                eprintln!("error: {setting}");
+            } else {
+                tracing::error!(setting = setting.setting, "{setting}");
+            }
+            ExitCode::from(2)
+        }
+        None => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
     })
 }
 

@@ -1,15 +1,15 @@
 //! The worker's Prometheus metrics and its health flags. Each worker owns its own
 //! registry (no process-global recorder), so several workers in one test process
-//! report separately.
+//! report separately. Every family is there from the start, with a zero series
+//! for each known label value (contract §7), so alerts see them before any event.
 
-use crate::outcome::Verdict;
+use crate::outcome::{Outcome, Verdict};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -35,7 +35,13 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub reconnects: Family<DependencyLabels, Counter>,
     db_connections: Family<PoolLabels, Gauge>,
+    pub set_aside: Gauge,
+    pub lock_waits_timed_out: Counter,
+    pub replies_unroutable: Counter,
 }
+
+/// The dependencies `dependency_errors` and `reconnects` are labelled with.
+pub const DEPENDENCIES: [&str; 2] = ["broker", "database"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
@@ -111,7 +117,41 @@ impl Metrics {
             "PostgreSQL pool connections by state (busy, idle), as of the scrape",
             db_connections.clone(),
         );
+        let set_aside = Gauge::default();
+        registry.register(
+            "requests_set_aside",
+            "Requests waiting for an item locked by someone else (unacked, retried with backoff)",
+            set_aside.clone(),
+        );
+        let lock_waits_timed_out = Counter::default();
+        registry.register(
+            "lock_waits_timed_out",
+            "Times an item (or message_id) stayed locked by someone else for the whole lock wait",
+            lock_waits_timed_out.clone(),
+        );
+        let replies_unroutable = Counter::default();
+        registry.register(
+            "replies_unroutable",
+            "Replies the broker returned as unroutable (a reply_to naming no queue); the request was still acked",
+            replies_unroutable.clone(),
+        );
+        for dependency in DEPENDENCIES {
+            drop(dependency_errors.get_or_create(&DependencyLabels { dependency }));
+            drop(reconnects.get_or_create(&DependencyLabels { dependency }));
+        }
+        for outcome in Outcome::all_labels() {
+            drop(adjustments.get_or_create(&OutcomeLabels {
+                outcome: outcome.name(),
+                reason: outcome.reason().unwrap_or(""),
+            }));
+        }
+        for state in ["busy", "idle"] {
+            drop(db_connections.get_or_create(&PoolLabels { state }));
+        }
         Metrics {
+            set_aside,
+            lock_waits_timed_out,
+            replies_unroutable,
             reconnects,
             db_connections,
             batch_size,
@@ -168,30 +208,5 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
         text
-    }
-}
-
-/// What `/readyz` reports: both dependencies connected and the consumer running.
-#[derive(Debug, Default)]
-pub struct Health {
-    database: AtomicBool,
-    consuming: AtomicBool,
-}
-
-impl Health {
-    pub fn set_database(&self, up: bool) {
-        self.database.store(up, Ordering::Relaxed);
-    }
-
-    pub fn set_consuming(&self, up: bool) {
-        self.consuming.store(up, Ordering::Relaxed);
-    }
-
-    pub fn database(&self) -> bool {
-        self.database.load(Ordering::Relaxed)
-    }
-
-    pub fn consuming(&self) -> bool {
-        self.consuming.load(Ordering::Relaxed)
     }
 }

@@ -28,6 +28,19 @@ pub enum Reason {
 }
 
 impl Outcome {
+    /// One outcome of every label combination (`outcome`, `reason`), so the
+    /// metrics can show each from the start.
+    pub fn all_labels() -> [Outcome; 6] {
+        [
+            Outcome::Applied { qty: 0 },
+            Outcome::NotFound,
+            Outcome::Rejected(Reason::InvalidMessage(String::new())),
+            Outcome::Rejected(Reason::InsufficientQty),
+            Outcome::Rejected(Reason::QtyOutOfRange),
+            Outcome::Rejected(Reason::IdempotencyConflict),
+        ]
+    }
+
     /// The contract's name for the outcome: `applied`, `not_found` or `rejected`.
     pub fn name(&self) -> &'static str {
         match self {

@@ -1,11 +1,19 @@
 //! Stage 4 of the flow: publish the reply and wait for the broker's confirm. Only
-//! a confirmed reply lets the delivery be acked (contract section 3).
+//! a confirmed reply lets the delivery be acked (contract §3).
+//!
+//! Replies are published `mandatory`: one the broker cannot route (a `reply_to`
+//! naming no queue) comes back to us. It is counted and logged, and the request
+//! is still acked: its outcome is in the ledger, and a retry with the same
+//! `message_id` gets the same reply.
 
 use crate::broker::short;
+use crate::metrics::Metrics;
 use crate::outcome::Verdict;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, Confirmation};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// Where a reply goes and what it correlates with, taken from the request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -25,6 +33,14 @@ pub enum ReplyError {
     Nacked,
 }
 
+/// What became of a reply the broker confirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    Routed,
+    /// Returned: no queue matched its routing key.
+    Unroutable,
+}
+
 /// Publishes the reply for `verdict` on `channel` (which has confirms on) and
 /// returns once the broker has confirmed it.
 pub async fn send(
@@ -32,7 +48,7 @@ pub async fn send(
     exchange: &str,
     route: &ReplyRoute,
     verdict: &Verdict,
-) -> Result<(), ReplyError> {
+) -> Result<Sent, ReplyError> {
     let body = verdict.body();
     let event_type = verdict.event_type();
     let mut properties = BasicProperties::default()
@@ -59,18 +75,77 @@ pub async fn send(
         Some(reply_to) => ("", reply_to.clone()),
         None => (exchange, event_type),
     };
+    let mandatory = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
     let confirm = channel
         .basic_publish(
             short(exchange),
             short(&routing_key),
-            BasicPublishOptions::default(),
+            mandatory,
             &body,
             properties,
         )
         .await?
         .await?;
-    if confirm.is_nack() {
-        return Err(ReplyError::Nacked);
+    match confirm {
+        Confirmation::Nack(_) => Err(ReplyError::Nacked),
+        Confirmation::Ack(Some(_returned)) => Ok(Sent::Unroutable),
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(Sent::Routed),
     }
-    Ok(())
+}
+
+/// Publishes the reply until it is confirmed, and returns false if the session
+/// was lost first. A refused publish on a live channel is retried: giving up would
+/// leave the delivery unacked on a channel that may live for days.
+pub async fn send_until_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    route: &ReplyRoute,
+    verdict: &Verdict,
+    lost: &CancellationToken,
+    metrics: &Metrics,
+) -> bool {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let sent = lost
+            .run_until_cancelled(send(channel, exchange, route, verdict))
+            .await;
+        match sent {
+            None => return false,
+            Some(Ok(Sent::Routed)) => return true,
+            Some(Ok(Sent::Unroutable)) => {
+                metrics.replies_unroutable.inc();
+                match &route.reply_to {
+                    Some(reply_to) => tracing::warn!(
+                        reply_to,
+                        "reply unroutable: no queue named by reply_to; the request is acked and its outcome stays in the ledger"
+                    ),
+                    // Events nobody listens to are a deployment's choice, not a fault.
+                    None => tracing::debug!("reply event unroutable: no queue bound for it"),
+                }
+                return true;
+            }
+            Some(Err(error)) => {
+                metrics.dependency_error("broker");
+                tracing::warn!(%error, "reply not confirmed");
+                if !channel.status().connected() {
+                    // The broker closed the reply channel (say, the exchange was
+                    // deleted under us). Give up the whole session: the worker
+                    // reconnects and re-declares, and this delivery comes again.
+                    lost.cancel();
+                    return false;
+                }
+                if lost
+                    .run_until_cancelled(tokio::time::sleep(backoff))
+                    .await
+                    .is_none()
+                {
+                    return false;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }

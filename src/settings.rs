@@ -1,6 +1,8 @@
-//! Every setting of contract section 1: a flag with an environment variable behind it.
+//! Every setting of the contract's section 1 (`docs/contract.md`): a flag with an
+//! environment variable behind it. This module depends on nothing else of the
+//! crate; the modules that use a setting parse and check it (`broker::Addresses`,
+//! `store::Target`) and report a [`SettingError`] when it can never work.
 
-use crate::broker::Topology;
 use clap::{Args, ValueEnum};
 use std::net::SocketAddr;
 
@@ -16,10 +18,18 @@ pub const DEFAULT_DB_POOL: u32 = 4;
 /// Requests per transaction at most unless `--batch-max` says otherwise.
 pub const DEFAULT_BATCH_MAX: u32 = 100;
 
+/// How long a lock held by someone else is waited for unless `--lock-wait-ms`
+/// says otherwise. A competing worker holds an item's row for one short
+/// transaction (a few milliseconds, tens under load); an operator's transaction may
+/// hold it for minutes. 200 ms lets the first pass, and bounds what each retry
+/// against the second costs the lane that waits.
+pub const DEFAULT_LOCK_WAIT_MS: u64 = 200;
+
 /// Connection settings shared by every subcommand.
 #[derive(Debug, Clone, Args)]
 pub struct Connections {
-    /// RabbitMQ URL (amqp:// or amqps://).
+    /// RabbitMQ URL (amqp:// or amqps://), or several comma-separated, one per
+    /// cluster node: every (re)connect tries them in turn.
     #[arg(
         long,
         env = "AMQP_URL",
@@ -32,8 +42,9 @@ pub struct Connections {
     #[arg(long, env = "AMQP_CA_FILE", global = true)]
     pub amqp_ca_file: Option<std::path::PathBuf>,
 
-    /// PostgreSQL URL; the database is created if it does not exist. For TLS use
-    /// `?sslmode=verify-full&sslrootcert=/path/ca.pem`.
+    /// PostgreSQL URL. Several hosts follow a failover:
+    /// postgres://u@h1:5432,h2:5432/db?target_session_attrs=read-write. For TLS add
+    /// `sslmode=verify-full&sslrootcert=/path/ca.pem`.
     #[arg(
         long,
         env = "DATABASE_URL",
@@ -75,6 +86,11 @@ pub struct WorkerSettings {
     #[arg(long, env = "QTY_BATCH_MAX", default_value_t = DEFAULT_BATCH_MAX, value_parser = clap::value_parser!(u32).range(1..10_000))]
     pub batch_max: u32,
 
+    /// Milliseconds a transaction waits for a lock held by someone else (an item's
+    /// row, a message_id) before setting the request aside to retry later.
+    #[arg(long, env = "QTY_LOCK_WAIT_MS", default_value_t = DEFAULT_LOCK_WAIT_MS, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub lock_wait_ms: u64,
+
     /// Seconds a stop (SIGTERM, Ctrl-C) waits for in-flight deliveries to finish.
     #[arg(long, env = "QTY_DRAIN_SECS", default_value_t = 30)]
     pub drain_secs: u64,
@@ -94,12 +110,22 @@ pub struct Settings {
     pub worker: WorkerSettings,
 }
 
-impl Settings {
-    pub fn topology(&self) -> Topology {
-        Topology {
-            exchange: self.connections.exchange.clone(),
-            queue: self.connections.queue.clone(),
-            delivery_limit: self.worker.delivery_limit,
+/// A setting that can never work as given (a URL that does not parse, say). The
+/// worker stops at start with exit code 2 rather than retry it for ever.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{setting} {message}")]
+pub struct SettingError {
+    /// The environment variable behind the setting, e.g. `AMQP_URL`.
+    pub setting: &'static str,
+    /// What is wrong with it, never including a password.
+    pub message: String,
+}
+
+impl SettingError {
+    pub fn new(setting: &'static str, message: impl Into<String>) -> SettingError {
+        SettingError {
+            setting,
+            message: message.into(),
         }
     }
 }
@@ -111,43 +137,4 @@ fn name_parser(value: &str) -> Result<String, String> {
         return Err("must be 1 to 250 bytes long".into());
     }
     Ok(value.to_owned())
-}
-
-/// The URL with its password replaced, fit for logs and error messages.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            let hidden = if userinfo.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{hidden}@{host}{path}")
-        }
-        None => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn redact_hides_only_the_password() {
-        assert_eq!(
-            redact("amqp://guest:secret@host:5672/%2f"),
-            "amqp://guest:***@host:5672/%2f"
-        );
-        assert_eq!(
-            redact("postgres://postgres@h/db"),
-            "postgres://postgres@h/db"
-        );
-        assert_eq!(
-            redact("postgres://u:p@ss@h/db?x=1"),
-            "postgres://u:***@h/db?x=1"
-        );
-        assert_eq!(redact("not a url"), "not a url");
-    }
 }

@@ -8,11 +8,13 @@
 
 use crate::ack::{self, Acks};
 use crate::apply::Applier;
+use crate::broker::{Addresses, DeclareError, Topology};
 use crate::delivery::{self, Context, Link};
-use crate::metrics::{Health, Metrics};
+use crate::health::{BrokerState, DatabaseState, Health};
+use crate::http;
+use crate::metrics::Metrics;
 use crate::settings::Settings;
-use crate::{broker, http, store};
-use anyhow::Context as _;
+use crate::store::{Database, Target};
 use futures::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -31,10 +33,14 @@ use tokio_util::sync::CancellationToken;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// A worker that has its database ready and its HTTP listener bound.
+/// A worker with its settings checked and its HTTP listener bound. It has not
+/// touched either dependency yet: [`Worker::run_until_stopped`] waits for them.
 pub struct Worker {
     settings: Settings,
     ctx: Arc<Context>,
+    db: Database,
+    addresses: Arc<Addresses>,
+    topology: Arc<Topology>,
     http_addr: SocketAddr,
     http: tokio::task::JoinHandle<()>,
 }
@@ -48,26 +54,31 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
 }
 
 impl Worker {
-    /// Creates and migrates the database, and binds the HTTP listener.
+    /// Checks the settings (a [`crate::settings::SettingError`] for one that can
+    /// never work) and binds the HTTP listener. Connects to nothing.
     pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
-        let pool =
-            store::connect(&settings.connections.database_url, settings.worker.db_pool).await?;
-        store::migrate(&pool).await?;
+        let target = Target::parse(&settings.connections.database_url)?;
+        let addresses = Arc::new(Addresses::parse(&settings.connections)?);
+        let topology = Arc::new(Topology::new(
+            &settings.connections,
+            settings.worker.delivery_limit,
+        ));
+        let db = Database::new(target, settings.worker.db_pool);
         let health = Arc::new(Health::default());
-        health.set_database(true);
         let metrics = Arc::new(Metrics::new());
         let (http_addr, http) = http::serve(
             settings.worker.http_addr,
             health.clone(),
             metrics.clone(),
-            pool.clone(),
+            db.clone(),
         )
         .await?;
         tracing::info!(%http_addr, "metrics and health listening");
         let applier = Applier::start(
-            pool,
+            db.clone(),
             settings.worker.db_pool as usize,
             settings.worker.batch_max as usize,
+            Duration::from_millis(settings.worker.lock_wait_ms),
             health.clone(),
             metrics.clone(),
         );
@@ -80,6 +91,9 @@ impl Worker {
         Ok(Worker {
             settings,
             ctx,
+            db,
+            addresses,
+            topology,
             http_addr,
             http,
         })
@@ -91,8 +105,18 @@ impl Worker {
     }
 
     /// Consumes until `shutdown` completes, reconnecting whenever the broker is lost.
+    /// Waits for the database first: without it no delivery could be answered.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let mut shutdown = pin!(shutdown);
+        tokio::select! {
+            biased;
+            () = &mut shutdown => {
+                self.http.abort();
+                tracing::info!("stopped before the database was ready");
+                return Ok(());
+            }
+            () = self.wait_for_database() => {}
+        }
         let mut in_flight = JoinSet::new();
         let mut backoff = FIRST_BACKOFF;
         let mut lost_before = false;
@@ -100,17 +124,32 @@ impl Worker {
             let session = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                session = Session::open(&self.settings) => session,
+                session = Session::open(&self) => session,
             };
             let mut session = match session {
                 Ok(session) => session,
                 Err(error) => {
                     self.ctx.metrics.dependency_error("broker");
-                    tracing::warn!(
-                        error = format!("{error:#}"),
-                        retry_in_ms = backoff.as_millis() as u64,
-                        "broker unavailable"
-                    );
+                    match &error {
+                        OpenError::Declare(DeclareError::Conflict(what)) => {
+                            self.ctx
+                                .health
+                                .set_broker(BrokerState::ConfigurationConflict(what.clone()));
+                            tracing::warn!(
+                                conflict = %what,
+                                retry_in_ms = backoff.as_millis() as u64,
+                                "broker: configuration conflict: the worker's declare differs from what exists; settle it (delete the queue, or align the settings)"
+                            );
+                        }
+                        other => {
+                            self.ctx.health.set_broker(BrokerState::Down);
+                            tracing::warn!(
+                                error = %other,
+                                retry_in_ms = backoff.as_millis() as u64,
+                                "broker unavailable"
+                            );
+                        }
+                    }
                     tokio::select! {
                         () = &mut shutdown => break,
                         () = tokio::time::sleep(backoff) => {}
@@ -123,13 +162,18 @@ impl Worker {
             if lost_before {
                 self.ctx.metrics.reconnected("broker");
             }
-            self.ctx.health.set_consuming(true);
-            tracing::info!(queue = %self.settings.connections.queue, prefetch = self.settings.worker.prefetch, "consuming");
+            self.ctx.health.set_broker(BrokerState::Consuming);
+            tracing::info!(
+                queue = %self.topology.queue,
+                prefetch = self.settings.worker.prefetch,
+                node = self.addresses.shown(session.address),
+                "consuming"
+            );
 
             let stopped = self
                 .consume(&mut session, &mut in_flight, &mut shutdown)
                 .await;
-            self.ctx.health.set_consuming(false);
+            self.ctx.health.set_broker(BrokerState::Down);
             if stopped {
                 session.drain(&self, &mut in_flight).await;
                 session.close().await;
@@ -138,6 +182,7 @@ impl Worker {
             // The session is given up: its deliveries can no longer be settled.
             // Close what may still be open, so no consumer lingers on it.
             session.link.lost.cancel();
+            self.addresses.lost(session.address);
             session.close().await;
             lost_before = true;
             self.ctx.metrics.dependency_error("broker");
@@ -146,6 +191,33 @@ impl Worker {
         self.http.abort();
         tracing::info!("stopped");
         Ok(())
+    }
+
+    /// Finds a usable database host, creates the database if it is missing and
+    /// migrates it, retrying with capped backoff and one warning per attempt.
+    async fn wait_for_database(&self) {
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            match self.db.prepare().await {
+                Ok(()) => {
+                    self.ctx.health.set_database(DatabaseState::Writable);
+                    tracing::info!(host = self.db.target.current_host(), "database ready");
+                    return;
+                }
+                Err(error) => {
+                    self.ctx.health.set_database(DatabaseState::Down);
+                    self.ctx.metrics.dependency_error("database");
+                    tracing::warn!(
+                        %error,
+                        url = %self.db.target.shown,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "database unavailable; waiting for it"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
     }
 
     /// Spawns a handler per delivery until the consumer fails (returns `false`) or
@@ -181,44 +253,76 @@ impl Worker {
     }
 }
 
+/// Why a session could not be opened.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    #[error(transparent)]
+    Unreachable(#[from] crate::broker::Unreachable),
+    #[error(transparent)]
+    Declare(#[from] DeclareError),
+    #[error("{0}: {1}")]
+    Broker(&'static str, lapin::Error),
+}
+
 /// One broker connection with its consuming and reply channels.
 struct Session {
-    connection: Connection,
+    connection: Arc<Connection>,
+    /// Which of the `AMQP_URL` addresses it is connected to.
+    address: usize,
     deliveries: Channel,
     consumer: Consumer,
     /// What the handlers of this session's deliveries share.
     link: Arc<Link>,
     /// Sends the acks `link.acks` decides on.
     settling: ack::Sender,
+    /// Declares again whatever part of the topology someone deletes.
+    keeper: tokio::task::JoinHandle<()>,
 }
 
 impl Session {
-    async fn open(settings: &Settings) -> anyhow::Result<Session> {
-        let connection = broker::connect(&settings.connections, "qty-worker").await?;
-        let deliveries = connection.create_channel().await?;
-        settings.topology().declare(&deliveries).await?;
-        let replies = connection.create_channel().await?;
+    async fn open(worker: &Worker) -> Result<Session, OpenError> {
+        let settings = &worker.settings;
+        let (connection, address) = worker.addresses.connect("qty-worker").await?;
+        let connection = Arc::new(connection);
+        let broker = |what| move |error| OpenError::Broker(what, error);
+        let deliveries = connection
+            .create_channel()
+            .await
+            .map_err(broker("cannot open a channel"))?;
+        worker.topology.declare(&deliveries).await?;
+        let replies = connection
+            .create_channel()
+            .await
+            .map_err(broker("cannot open a channel"))?;
         replies
             .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+            .await
+            .map_err(broker("cannot turn on publisher confirms"))?;
         deliveries
             .basic_qos(settings.worker.prefetch, BasicQosOptions::default())
-            .await?;
+            .await
+            .map_err(broker("cannot set the prefetch"))?;
         let consumer = deliveries
             .basic_consume(
-                settings.connections.queue.as_str().into(),
+                worker.topology.queue.as_str().into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await
-            .context("cannot start consuming")?;
+            .map_err(broker("cannot start consuming"))?;
         let lost = CancellationToken::new();
         // Half the prefetch may wait behind a slow delivery for a joint ack.
         let hold = usize::from(settings.worker.prefetch).div_ceil(2);
         let (acks, settling) = Acks::start(deliveries.clone(), hold, lost.clone());
+        let keeper = {
+            let (topology, connection) = (worker.topology.clone(), connection.clone());
+            let (health, stop) = (worker.ctx.health.clone(), lost.clone());
+            tokio::spawn(async move { topology.keep(&connection, &health, &stop).await })
+        };
         Ok(Session {
             connection,
+            address,
             deliveries,
             consumer,
             link: Arc::new(Link {
@@ -227,6 +331,7 @@ impl Session {
                 lost,
             }),
             settling,
+            keeper,
         })
     }
 
@@ -275,7 +380,10 @@ impl Session {
             consumer,
             link,
             settling,
+            keeper,
+            ..
         } = self;
+        keeper.abort();
         drop(consumer);
         let replies = link.replies.clone();
         drop(link);

@@ -81,8 +81,9 @@ pub async fn run(connections: &Connections, args: BenchArgs) -> anyhow::Result<R
         args.delta_min <= args.delta_max,
         "--delta-min must not exceed --delta-max"
     );
-    let pool = store::connect(&connections.database_url, 2).await?;
-    store::migrate(&pool).await?;
+    let pool = store::open_prepared(&connections.database_url, 2)
+        .await?
+        .pool;
     let mut items = Vec::with_capacity(args.items);
     for _ in 0..args.items {
         items.push(
@@ -103,11 +104,8 @@ pub async fn run(connections: &Connections, args: BenchArgs) -> anyhow::Result<R
     let mut replies = broker::consume_without_acks(&listener, &reply_queue).await?;
 
     if args.backlog {
-        let topology = crate::broker::Topology {
-            exchange: connections.exchange.clone(),
-            queue: connections.queue.clone(),
-            delivery_limit: crate::settings::DEFAULT_DELIVERY_LIMIT,
-        };
+        let topology =
+            crate::broker::Topology::new(connections, crate::settings::DEFAULT_DELIVERY_LIMIT);
         topology.declare(&publisher).await.context(
             "cannot declare the queue (a worker with another --delivery-limit declared it first?)",
         )?;

@@ -3,7 +3,7 @@
 //! Replaying is safe: the ledger answers any request that was in fact applied.
 
 use super::{EXIT_NOT_FOUND, Output};
-use crate::broker::{self, short};
+use crate::broker::{self, Topology, short};
 use crate::settings::Connections;
 use anyhow::Context as _;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
@@ -22,7 +22,7 @@ pub struct DeadLetter {
 
 pub async fn list(connections: &Connections, output: Output) -> anyhow::Result<ExitCode> {
     let (connection, channel) = open(connections).await?;
-    let taken = take_all(&channel, &dead_letter_queue(connections)).await?;
+    let taken = take_all(&channel, &topology(connections).dead_letter_queue).await?;
     let letters: Vec<DeadLetter> = taken.iter().map(describe).collect();
     // Closing without acks hands every message back to the dead-letter queue.
     channel.close(200, "listed".into()).await.ok();
@@ -31,7 +31,7 @@ pub async fn list(connections: &Connections, output: Output) -> anyhow::Result<E
         let mut text = format!(
             "{} dead-lettered request(s) in {}",
             letters.len(),
-            dead_letter_queue(connections)
+            topology(connections).dead_letter_queue
         );
         for letter in letters {
             text.push_str(&format!(
@@ -61,7 +61,7 @@ pub async fn replay(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let taken = take_all(&channel, &dead_letter_queue(connections)).await?;
+    let taken = take_all(&channel, &topology(connections).dead_letter_queue).await?;
     let mut replayed: Vec<String> = Vec::new();
     for message in &taken {
         let id = message
@@ -111,8 +111,9 @@ pub async fn replay(
     Ok(ExitCode::SUCCESS)
 }
 
-fn dead_letter_queue(connections: &Connections) -> String {
-    format!("{}.dead", connections.queue)
+/// The names, from their one owner; the delivery limit plays no part here.
+fn topology(connections: &Connections) -> Topology {
+    Topology::new(connections, crate::settings::DEFAULT_DELIVERY_LIMIT)
 }
 
 async fn open(connections: &Connections) -> anyhow::Result<(Connection, Channel)> {

@@ -61,16 +61,15 @@ impl Output {
     }
 }
 
-/// Connects to the database and applies migrations, so every command works on a
-/// fresh database too.
+/// Opens the existing, migrated database: only `run` and `migrate` create or
+/// migrate one, so a typo in `DATABASE_URL` never leaves a new database behind.
 async fn database(connections: &Connections) -> anyhow::Result<PgPool> {
-    let pool = store::connect(&connections.database_url, 2).await?;
-    store::migrate(&pool).await?;
-    Ok(pool)
+    store::open_existing(&connections.database_url).await
 }
 
+/// Creates the database if it is missing and applies the migrations.
 pub async fn migrate(connections: &Connections) -> anyhow::Result<ExitCode> {
-    database(connections).await?;
+    store::open_prepared(&connections.database_url, 2).await?;
     eprintln!("database is migrated");
     Ok(ExitCode::SUCCESS)
 }

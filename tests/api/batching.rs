@@ -6,24 +6,26 @@
 use crate::helpers::Names;
 use qty_worker::bench::Mix;
 use qty_worker::decode::Request;
-use qty_worker::store::{self, Adjusted};
+use qty_worker::store::{self, Adjusted, Answer, Database};
 use sqlx::PgPool;
+use std::time::Duration;
 use uuid::Uuid;
 
 /// A migrated database of its own, dropped with the value.
 struct TestDb {
     names: Names,
+    db: Database,
     pool: PgPool,
 }
 
 impl TestDb {
     async fn create() -> TestDb {
         let names = Names::random();
-        let pool = store::connect(&names.database_url(), 8)
+        let db = store::open_prepared(&names.database_url(), 8)
             .await
             .expect("create database");
-        store::migrate(&pool).await.expect("migrate");
-        TestDb { names, pool }
+        let pool = db.pool.clone();
+        TestDb { names, db, pool }
     }
 
     async fn seed(&self, items: &[(Uuid, i64)]) {
@@ -95,8 +97,44 @@ fn random_stream(seed: u64, len: usize) -> (Vec<(Uuid, i64)>, Vec<Request>) {
     (items, requests)
 }
 
+/// The worker's default lock wait.
+const LOCK_WAIT: Duration = Duration::from_millis(qty_worker::settings::DEFAULT_LOCK_WAIT_MS);
+
+/// The final answers for `requests`, as the worker gets them: requests that come
+/// back busy (their item or key locked by a concurrent writer for the whole
+/// wait) are applied again, in order, until every one has its answer; so are
+/// batches that lost a deadlock.
+async fn adjust(db: &Database, requests: &[&Request]) -> Vec<Adjusted> {
+    let mut answers: Vec<Option<Adjusted>> = vec![None; requests.len()];
+    let mut pending: Vec<usize> = (0..requests.len()).collect();
+    for _attempt in 0..1_000 {
+        if pending.is_empty() {
+            break;
+        }
+        let batch: Vec<&Request> = pending.iter().map(|&i| requests[i]).collect();
+        match store::adjust(db, &batch, LOCK_WAIT).await {
+            Ok(got) => {
+                let mut busy = Vec::new();
+                for (&i, answer) in pending.iter().zip(got) {
+                    match answer {
+                        Answer::Done(adjusted) => answers[i] = Some(adjusted),
+                        Answer::Busy => busy.push(i),
+                    }
+                }
+                pending = busy;
+            }
+            Err(error) if error.is_transient() => {}
+            Err(error) => panic!("adjust: {error}"),
+        }
+    }
+    answers
+        .into_iter()
+        .map(|a| a.expect("every request answered within 1,000 attempts"))
+        .collect()
+}
+
 async fn apply_in_chunks(
-    pool: &PgPool,
+    pool: &Database,
     requests: &[Request],
     mut chunk: impl FnMut() -> usize,
 ) -> Vec<Adjusted> {
@@ -105,7 +143,7 @@ async fn apply_in_chunks(
     while !rest.is_empty() {
         let (now, later) = rest.split_at(chunk().clamp(1, rest.len()));
         let refs: Vec<&Request> = now.iter().collect();
-        answers.extend(store::adjust(pool, &refs).await.expect("adjust"));
+        answers.extend(adjust(pool, &refs).await);
         rest = later;
     }
     answers
@@ -120,9 +158,9 @@ async fn batched_and_unbatched_streams_give_identical_answers_and_state() {
         one_by_one.seed(&items).await;
         batched.seed(&items).await;
 
-        let single = apply_in_chunks(&one_by_one.pool, &requests, || 1).await;
+        let single = apply_in_chunks(&one_by_one.db, &requests, || 1).await;
         let mut mix = Mix(seed ^ 0xABCD);
-        let many = apply_in_chunks(&batched.pool, &requests, || 1 + mix.below(60) as usize).await;
+        let many = apply_in_chunks(&batched.db, &requests, || 1 + mix.below(60) as usize).await;
 
         assert_eq!(single, many, "answers differ for seed {seed}");
         assert_eq!(
@@ -151,9 +189,8 @@ async fn two_adjustments_to_one_item_in_one_batch_see_each_other() {
             delta,
         });
     let refs: Vec<&Request> = requests.iter().collect();
-    let answers: Vec<String> = store::adjust(&db.pool, &refs)
+    let answers: Vec<String> = adjust(&db.db, &refs)
         .await
-        .expect("adjust")
         .into_iter()
         .map(|a| format!("{:?}/{}", a.outcome, a.replayed))
         .collect();
@@ -187,7 +224,7 @@ async fn concurrent_overlapping_batches_neither_deadlock_nor_apply_a_key_twice()
         .collect();
     let mut writers = tokio::task::JoinSet::new();
     for writer in 0..8u64 {
-        let pool = db.pool.clone();
+        let pool = db.db.clone();
         let mut mine = keys.clone();
         let mut mix = Mix(writer + 1);
         for i in (1..mine.len()).rev() {
@@ -238,7 +275,7 @@ async fn concurrent_duplicates_that_lock_no_item_are_still_recorded_once() {
         .collect();
     let mut writers = tokio::task::JoinSet::new();
     for _ in 0..8 {
-        let (pool, keys) = (db.pool.clone(), keys.clone());
+        let (pool, keys) = (db.db.clone(), keys.clone());
         writers.spawn(async move { apply_in_chunks(&pool, &keys, || 1).await });
     }
     let mut replayed = 0;
@@ -257,7 +294,7 @@ async fn concurrent_duplicates_that_lock_no_item_are_still_recorded_once() {
 /// Calls `qty_adjust` with 50 new requests for item 1 on `connection`.
 async fn adjust_on(connection: &mut sqlx::PgConnection, round: usize) {
     let ids: Vec<String> = (0..50).map(|n| format!("r{round}-{n}")).collect();
-    sqlx::query("select count(*) from qty_adjust($1, $2, $3)")
+    sqlx::query("select count(*) from qty_adjust($1, $2, $3, 1000)")
         .bind(&ids)
         .bind(vec![Uuid::from_u128(1); 50])
         .bind(vec![1_i64; 50])

@@ -305,9 +305,33 @@ async fn an_unreachable_broker_gets_an_error_that_says_what_to_do() {
     );
     assert_eq!(code, 1);
     assert!(
-        err.contains("cannot reach RabbitMQ at amqp://guest:***@127.0.0.1:1/%2f"),
+        err.contains("cannot reach RabbitMQ: amqp://guest:***@127.0.0.1:1/%2f"),
         "{err}"
     );
-    assert!(err.contains("set AMQP_URL"), "{err}");
+    assert!(err.contains("check AMQP_URL"), "{err}");
     assert!(!err.contains("secret"), "the password leaked: {err}");
+}
+
+#[tokio::test]
+async fn a_setting_that_can_never_work_exits_2_with_one_line_naming_it() {
+    let names = Names::random();
+    for (setting, value) in [
+        ("AMQP_URL", "amqp://guest:secret@h1,h2/"),
+        ("DATABASE_URL", "postgres://u:secret@h1:port/db"),
+        ("DATABASE_URL", "mysql://root@h/x"),
+    ] {
+        let (code, _, err) = run_to_end(
+            qty_worker(&names)
+                .env(setting, value)
+                .env("QTY_HTTP_ADDR", "127.0.0.1:0")
+                .arg("run"),
+        );
+        assert_eq!(code, 2, "{setting}={value}: {err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        let line: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON log line");
+        assert_eq!(line["level"], "ERROR", "{err}");
+        assert_eq!(line["fields"]["setting"], setting, "{err}");
+        assert!(!err.contains("secret"), "the password leaked: {err}");
+    }
 }

@@ -17,7 +17,6 @@ use std::time::Duration;
 use uuid::Uuid;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 /// How long any single wait in a test may take before it fails with a message.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -33,32 +32,49 @@ pub fn init_logs() {
     }
 }
 
-/// A fresh set of names for one test.
+/// A fresh set of names for one test, and the servers they live on.
 #[derive(Clone, Debug)]
 pub struct Names {
     pub database: String,
     pub exchange: String,
     pub queue: String,
+    /// `postgres://postgres@HOST:PORT`, without a database.
+    pub postgres: String,
+    /// The broker's URL, or several comma-separated (a cluster's nodes).
+    pub amqp_url: String,
 }
 
 impl Names {
+    /// Names on the servers at the default addresses.
     pub fn random() -> Names {
         let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
         Names {
             database: format!("qtyw_test_{suffix}"),
             exchange: format!("qtyw-test-{suffix}"),
             queue: format!("qtyw-test-{suffix}.adjust"),
+            postgres: "postgres://postgres@127.0.0.1:5432".into(),
+            amqp_url: AMQP_URL.into(),
+        }
+    }
+
+    /// Names on servers of the test's own (the fault suite's).
+    #[allow(dead_code)]
+    pub fn on_own_servers(postgres: String, amqp_url: String) -> Names {
+        Names {
+            postgres,
+            amqp_url,
+            ..Names::random()
         }
     }
 
     pub fn database_url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:5432/{}", self.database)
+        format!("{}/{}", self.postgres, self.database)
     }
 
     pub fn settings(&self) -> Settings {
         Settings {
             connections: Connections {
-                amqp_url: AMQP_URL.into(),
+                amqp_url: self.amqp_url.clone(),
                 amqp_ca_file: None,
                 database_url: self.database_url(),
                 exchange: self.exchange.clone(),
@@ -70,6 +86,7 @@ impl Names {
                 delivery_limit: 10,
                 db_pool: 4,
                 batch_max: 100,
+                lock_wait_ms: qty_worker::settings::DEFAULT_LOCK_WAIT_MS,
                 drain_secs: 10,
             },
         }
@@ -85,8 +102,7 @@ impl Names {
                 .build()
                 .expect("cleanup runtime");
             runtime.block_on(async move {
-                if let Ok(connection) =
-                    Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+                if let Some(connection) = connect_any(&names.amqp_url).await
                     && let Ok(channel) = connection.create_channel().await
                 {
                     let queues = [
@@ -108,7 +124,9 @@ impl Names {
                     }
                     connection.close(200, "test done".into()).await.ok();
                 }
-                if let Ok(mut admin) = PgConnection::connect(PG_ADMIN_URL).await {
+                if let Ok(mut admin) =
+                    PgConnection::connect(&format!("{}/postgres", names.postgres)).await
+                {
                     let drop = format!(
                         "drop database if exists \"{}\" with (force)",
                         names.database
@@ -262,8 +280,13 @@ impl TestApp {
     }
 
     pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+        Self::spawn_on(Names::random(), configure).await
+    }
+
+    /// A test app whose own clients use `names`' servers, and whose worker is
+    /// configured by `configure` from there.
+    pub async fn spawn_on(names: Names, configure: impl FnOnce(&mut Settings)) -> TestApp {
         init_logs();
-        let names = Names::random();
         let mut settings = names.settings();
         configure(&mut settings);
         let worker = RunningWorker::start(settings);
@@ -271,7 +294,7 @@ impl TestApp {
         let pool = PgPool::connect(&names.database_url())
             .await
             .expect("test pool");
-        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        let connection = connect_any(&names.amqp_url)
             .await
             .expect("test broker connection");
         let channel = connection.create_channel().await.expect("test channel");
@@ -426,6 +449,16 @@ impl Drop for TestApp {
         self.worker.stop().ok();
         self.names.remove_all();
     }
+}
+
+/// Connects to the first broker of a comma-separated list that answers.
+pub async fn connect_any(urls: &str) -> Option<Connection> {
+    for url in urls.split(',') {
+        if let Ok(connection) = Connection::connect(url, ConnectionProperties::default()).await {
+            return Some(connection);
+        }
+    }
+    None
 }
 
 /// Declares a server-named exclusive queue, optionally bound to `exchange` with

@@ -7,8 +7,10 @@ mod batching;
 mod binary;
 mod invalid;
 mod ledger;
+mod locks;
 #[cfg(feature = "otlp")]
 mod otlp;
 mod outcomes;
 mod replies;
 mod tls;
+mod topology;

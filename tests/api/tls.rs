@@ -160,9 +160,9 @@ impl Drop for TlsPostgres {
 /// These tests start their own PostgreSQL and a broker listener, which needs the
 /// servers on this machine, not in `docker compose` (see `scripts/test`).
 fn servers_are_local() -> bool {
-    let local = std::env::var("QTY_TEST_SERVICES").as_deref() != Ok("compose");
+    let local = qty_test_support::servers_available();
     if !local {
-        eprintln!("skipped: TLS tests need PostgreSQL and RabbitMQ installed on this machine");
+        println!("skipped: no PostgreSQL/RabbitMQ binaries");
     }
     local
 }
@@ -201,6 +201,7 @@ fn postgres_over_tls_verifies_the_server_against_a_private_ca() {
     let (ok, err) = migrate(&stranger);
     assert!(!ok, "a server certificate from another CA must be refused");
     assert!(err.contains("cannot reach PostgreSQL"), "{err}");
+    assert!(err.contains("UnknownIssuer"), "{err}");
 
     let (ok, _) = migrate(&server.url("sslmode=disable"));
     assert!(
@@ -209,64 +210,55 @@ fn postgres_over_tls_verifies_the_server_against_a_private_ca() {
     );
 }
 
-/// An extra TLS listener on the running RabbitMQ, started for one test and
-/// stopped on drop; the plain listener is never touched.
-struct TlsListener {
+/// A RabbitMQ node of the test's own with a TLS listener beside its plain one,
+/// its certificate signed by a throwaway CA; removed on drop.
+struct TlsBroker {
     dir: PathBuf,
     port: u16,
+    node: qty_test_support::rabbitmq::Cluster,
 }
 
-impl TlsListener {
-    fn start() -> TlsListener {
+impl TlsBroker {
+    fn start() -> TlsBroker {
         let dir =
             std::env::temp_dir().join(format!("qtyw-amqps-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         make_ca(&dir, "trusted", true);
         // The broker runs as its own user and must read the key.
         run(Command::new("chmod").arg("-R").arg("a+rX").arg(&dir));
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("free port")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let options = format!(
-            "[{{certfile,\"{}\"}},{{keyfile,\"{}\"}},{{cacertfile,\"{}\"}}]",
-            dir.join("server.crt").display(),
-            dir.join("server.key").display(),
-            dir.join("trusted-ca.pem").display()
+        let port = qty_test_support::free_port();
+        let node = qty_test_support::rabbitmq::Cluster::start_with(
+            1,
+            &format!(
+                "listeners.ssl.default = 127.0.0.1:{port}\nssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\nssl_options.cacertfile = {}\n",
+                dir.join("server.crt").display(),
+                dir.join("server.key").display(),
+                dir.join("trusted-ca.pem").display()
+            ),
         );
-        run(Command::new("rabbitmqctl")
-            .args(["-q", "eval"])
-            .arg(format!(
-                "ok = rabbit_networking:start_ssl_listener({port}, {options}, 1, 1)."
-            )));
-        TlsListener { dir, port }
+        TlsBroker { dir, port, node }
     }
 }
 
-impl Drop for TlsListener {
+impl Drop for TlsBroker {
     fn drop(&mut self) {
-        Command::new("rabbitmqctl")
-            .args(["-q", "eval"])
-            .arg(format!(
-                "rabbit_networking:stop_tcp_listener({}).",
-                self.port
-            ))
-            .output()
-            .ok();
         std::fs::remove_dir_all(&self.dir).ok();
     }
 }
 
 #[tokio::test]
 async fn the_worker_consumes_over_amqps_trusting_a_private_ca() {
-    if !servers_are_local() {
+    if !qty_test_support::servers_available() {
+        println!("skipped: no PostgreSQL/RabbitMQ binaries");
         return;
     }
-    let listener = TlsListener::start();
-    let amqps = format!("amqps://guest:guest@localhost:{}/%2f", listener.port);
-    let ca = listener.dir.join("trusted-ca.pem");
-    let mut app = crate::helpers::TestApp::spawn_with(|settings| {
+    let broker = TlsBroker::start();
+    let amqps = format!("amqps://guest:guest@localhost:{}/%2f", broker.port);
+    let ca = broker.dir.join("trusted-ca.pem");
+    let mut names = crate::helpers::Names::random();
+    names.amqp_url = broker.node.urls();
+    let mut app = crate::helpers::TestApp::spawn_on(names, |settings| {
         settings.connections.amqp_url = amqps.clone();
         settings.connections.amqp_ca_file = Some(ca.clone());
     })

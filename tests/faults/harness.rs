@@ -3,13 +3,13 @@
 //! Shared by the fault tests and by `examples/chaos.rs`; the publisher and the
 //! invariant check have modules of their own.
 
-use crate::helpers::{AMQP_URL, Names, WAIT, http_get};
+use crate::helpers::{Names, WAIT, connect_any, http_get};
 pub use crate::invariants::Verdicts;
-use crate::proxy::Proxy;
 pub use crate::publisher::{Sent, publish_through_faults};
+pub use crate::servers::{Own, Servers};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
+use qty_test_support::proxy::Proxy;
 use sqlx::PgPool;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -25,6 +25,10 @@ pub struct WorkerProcess {
 
 pub struct Scenario {
     pub names: Names,
+    pub servers: Servers,
+    /// What workers started from now on are given: by default the proxies.
+    pub worker_amqp_url: String,
+    pub worker_database_url: String,
     pub pg_proxy: Proxy,
     pub amqp_proxy: Proxy,
     pub pool: PgPool,
@@ -38,14 +42,27 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    /// A fresh database and names, proxies in front of both servers, and `items`
-    /// items with `start_qty` each.
+    /// A fresh database and names on the shared servers, proxies in front of
+    /// both, and `items` items with `start_qty` each.
     pub async fn new(label: &str, items: usize, start_qty: i64) -> Scenario {
-        let names = Names::random();
-        let pool = qty_worker::store::connect(&names.database_url(), 4)
+        Scenario::on(label, items, start_qty, Own::default())
             .await
-            .expect("create the database");
-        qty_worker::store::migrate(&pool).await.expect("migrate");
+            .expect("the shared servers need no binaries")
+    }
+
+    /// The same on servers of the scenario's own; `None` when this machine has
+    /// no server binaries (the test then says it skipped).
+    pub async fn on(label: &str, items: usize, start_qty: i64, own: Own) -> Option<Scenario> {
+        let servers = Servers::start(own)?;
+        let names = if servers.own_any() {
+            Names::on_own_servers(servers.postgres_base(), servers.amqp_urls())
+        } else {
+            Names::random()
+        };
+        let pool = qty_worker::store::open_prepared(&names.database_url(), 4)
+            .await
+            .expect("create the database")
+            .pool;
         let mut created = Vec::with_capacity(items);
         for _ in 0..items {
             let id = Uuid::new_v4();
@@ -54,10 +71,16 @@ impl Scenario {
                 .expect("create item");
             created.push((id, start_qty));
         }
-        let pg_proxy = Proxy::start("127.0.0.1:5432".parse().expect("address")).await;
-        let amqp_proxy = Proxy::start("127.0.0.1:5672".parse().expect("address")).await;
-        Scenario {
+        let pg_proxy = Proxy::start(servers.postgres_addr()).await;
+        let amqp_proxy = Proxy::start(servers.rabbitmq_addr()).await;
+        Some(Scenario {
+            worker_amqp_url: format!("amqp://guest:guest@{}/%2f?heartbeat=2", amqp_proxy.addr),
+            worker_database_url: format!(
+                "postgres://postgres@{}/{}?application_name=qty-worker-fault",
+                pg_proxy.addr, names.database
+            ),
             names,
+            servers,
             pg_proxy,
             amqp_proxy,
             pool,
@@ -67,7 +90,16 @@ impl Scenario {
             poison: Vec::new(),
             killed: 0,
             label: label.to_owned(),
-        }
+        })
+    }
+
+    /// Opens the harness's own pool again at `database_url` (after a restart or
+    /// a failover took the old one's server away).
+    pub async fn reconnect_pool(&mut self, database_url: &str) {
+        self.pool.close().await;
+        self.pool = PgPool::connect(database_url)
+            .await
+            .expect("reconnect the harness's pool");
     }
 
     pub fn reply_queue(&self) -> String {
@@ -76,6 +108,13 @@ impl Scenario {
 
     /// Starts a worker process behind the proxies and waits until it consumes.
     pub async fn start_worker(&mut self) {
+        let index = self.spawn_worker();
+        self.wait_ready(index).await;
+        self.ensure_reply_queue().await;
+    }
+
+    /// Starts a worker process and returns its index, without waiting for it.
+    pub fn spawn_worker(&mut self) -> usize {
         let http_port = free_port();
         let log_dir = option_env!("CARGO_TARGET_TMPDIR")
             .map_or_else(std::env::temp_dir, PathBuf::from)
@@ -89,20 +128,8 @@ impl Scenario {
         ));
         let child = Command::new(worker_binary())
             .arg("run")
-            .env(
-                "AMQP_URL",
-                format!(
-                    "amqp://guest:guest@{}/%2f?heartbeat=2",
-                    self.amqp_proxy.addr
-                ),
-            )
-            .env(
-                "DATABASE_URL",
-                format!(
-                    "postgres://postgres@{}/{}?application_name=qty-worker-fault",
-                    self.pg_proxy.addr, self.names.database
-                ),
-            )
+            .env("AMQP_URL", &self.worker_amqp_url)
+            .env("DATABASE_URL", &self.worker_database_url)
             .env("QTY_EXCHANGE", &self.names.exchange)
             .env("QTY_QUEUE", &self.names.queue)
             .env("QTY_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
@@ -119,9 +146,7 @@ impl Scenario {
             http_port,
             log,
         });
-        let index = self.workers.len() - 1;
-        self.wait_ready(index).await;
-        self.ensure_reply_queue().await;
+        self.workers.len() - 1
     }
 
     /// Waits until worker `index` answers /readyz with 200.
@@ -146,6 +171,39 @@ impl Scenario {
         }
     }
 
+    /// Worker `index`'s /readyz status and body, or None while it does not answer.
+    pub async fn readyz_body(&self, index: usize) -> Option<(u16, String)> {
+        let addr = self.http_addr(index);
+        tokio::net::TcpStream::connect(addr).await.ok()?;
+        Some(http_get(addr, "/readyz").await)
+    }
+
+    /// Worker `index`'s /metrics text.
+    pub async fn metrics(&self, index: usize) -> String {
+        http_get(self.http_addr(index), "/metrics").await.1
+    }
+
+    fn http_addr(&self, index: usize) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.workers[index].http_port))
+    }
+
+    /// The scenario's own PostgreSQL primary.
+    pub fn primary(&self) -> &qty_test_support::postgres::Postgres {
+        self.servers
+            .primary
+            .as_ref()
+            .expect("the scenario has its own PostgreSQL")
+    }
+
+    /// A RabbitMQ node of the scenario's own.
+    pub fn rabbitmq_node(&self, index: usize) -> &qty_test_support::rabbitmq::Node {
+        self.servers
+            .rabbitmq
+            .as_ref()
+            .expect("the scenario has its own RabbitMQ")
+            .node(index)
+    }
+
     /// Worker `index`'s /readyz status, or None while it does not answer.
     pub async fn readyz(&self, index: usize) -> Option<u16> {
         let addr = format!("127.0.0.1:{}", self.workers[index].http_port)
@@ -158,11 +216,18 @@ impl Scenario {
         }
     }
 
-    async fn ensure_reply_queue(&self) {
-        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+    /// Declares the scenario's reply queue: a quorum queue, so that in a cluster
+    /// it outlives the loss of any one node.
+    pub async fn ensure_reply_queue(&self) {
+        let connection = connect_any(&self.names.amqp_url)
             .await
-            .expect("broker");
+            .expect("a broker node");
         let channel = connection.create_channel().await.expect("channel");
+        let mut quorum = FieldTable::default();
+        quorum.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString("quorum".into()),
+        );
         channel
             .queue_declare(
                 self.reply_queue().into(),
@@ -170,7 +235,7 @@ impl Scenario {
                     durable: true,
                     ..Default::default()
                 },
-                FieldTable::default(),
+                quorum,
             )
             .await
             .expect("declare the reply queue");
@@ -205,8 +270,9 @@ impl Scenario {
         self.sent.extend(requests.iter().cloned());
         let exchange = self.names.exchange.clone();
         let reply_queue = self.reply_queue();
+        let urls = self.names.amqp_url.clone();
         tokio::spawn(async move {
-            publish_through_faults(&exchange, &reply_queue, &requests, per_second).await
+            publish_through_faults(&urls, &exchange, &reply_queue, &requests, per_second).await
         })
     }
 
@@ -219,7 +285,14 @@ impl Scenario {
             delta: -1,
         };
         self.poison.push(poison.message_id.clone());
-        publish_through_faults(&self.names.exchange, &self.reply_queue(), &[poison], 0).await;
+        publish_through_faults(
+            &self.names.amqp_url,
+            &self.names.exchange,
+            &self.reply_queue(),
+            &[poison],
+            0,
+        )
+        .await;
     }
 
     /// Ledger rows recorded so far.

@@ -3,9 +3,8 @@
 //! replies, the queue drained, and only the poison dead-lettered.
 
 use crate::harness::{Scenario, Sent};
-use crate::helpers::AMQP_URL;
+use crate::helpers::connect_any;
 use lapin::options::BasicGetOptions;
-use lapin::{Connection, ConnectionProperties};
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
@@ -23,9 +22,9 @@ pub struct Verdicts {
 impl Scenario {
     /// Fills `verdicts` from the queues, the ledger and the items.
     pub(crate) async fn check(&self, verdicts: &mut Verdicts) {
-        let replies = drain_queue(&self.reply_queue()).await;
-        let leftover = drain_queue(&self.names.queue).await;
-        let dead = drain_queue(&format!("{}.dead", self.names.queue)).await;
+        let replies = drain_queue(&self.names.amqp_url, &self.reply_queue()).await;
+        let leftover = drain_queue(&self.names.amqp_url, &self.names.queue).await;
+        let dead = drain_queue(&self.names.amqp_url, &format!("{}.dead", self.names.queue)).await;
         let v = &mut verdicts.violations;
 
         let mut by_id: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
@@ -123,10 +122,8 @@ impl Scenario {
 }
 
 /// Takes every message from `queue` (acking it) and returns the bodies.
-async fn drain_queue(queue: &str) -> Vec<Vec<u8>> {
-    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .expect("broker");
+async fn drain_queue(amqp_urls: &str, queue: &str) -> Vec<Vec<u8>> {
+    let connection = connect_any(amqp_urls).await.expect("a broker node");
     let channel = connection.create_channel().await.expect("channel");
     let mut bodies = Vec::new();
     while let Ok(Some(message)) = channel

@@ -1,22 +1,23 @@
-//! The fault suite (contract section 5): real worker processes, driven through
-//! the broker, with faults injected while they work. After each run the harness
+//! The fault suite (contract §5): real worker processes, driven through the
+//! broker, with faults injected while they work. After each run the harness
 //! checks that nothing was lost, applied twice or left unanswered.
 //!
-//! Tests that disturb shared services (restarts, closing every broker
-//! connection) would break tests running beside them, so every test here holds
-//! one lock and they run one at a time.
+//! Faults that disturb a server (a restart, closing every connection, a
+//! failover, a read-only database, a lost cluster node) happen on servers the
+//! scenario started for itself; the shared servers at the default addresses are
+//! only ever used. Tests still run one at a time: their timing is part of what
+//! they check, and the machine is small.
 
+mod availability;
 mod harness;
 #[path = "../api/helpers.rs"]
 #[allow(dead_code)]
 mod helpers;
 mod invariants;
-mod proxy;
 mod publisher;
-mod services;
+mod servers;
 
-use harness::Scenario;
-use services::{Service, close_all_broker_connections};
+use harness::{Own, Scenario};
 use std::time::Duration;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -33,6 +34,31 @@ fn assert_clean(verdicts: harness::Verdicts) {
         verdicts.messages > 0 && verdicts.replies >= verdicts.messages,
         "{verdicts:?}"
     );
+}
+
+fn assert_clean_or_empty(verdicts: harness::Verdicts) {
+    assert!(
+        verdicts.violations.is_empty(),
+        "invariants broken: {:#?}",
+        verdicts.violations
+    );
+}
+
+/// Waits until worker 0's `/readyz` answers `want` with `line` in its body.
+async fn wait_for_readyz(s: &Scenario, want: u16, line: &str) -> String {
+    qty_test_support::eventually(
+        &format!("/readyz to answer {want} with {line:?}"),
+        Duration::from_secs(60),
+        || async {
+            let (status, body) = s.readyz_body(0).await.ok_or("no answer")?;
+            if status == want && body.contains(line) {
+                Ok(body)
+            } else {
+                Err(format!("{status}: {body}"))
+            }
+        },
+    )
+    .await
 }
 
 #[tokio::test]
@@ -70,12 +96,14 @@ async fn terminated_database_sessions_are_retried_without_loss() {
 #[tokio::test]
 async fn the_broker_closing_every_connection_is_survived() {
     let _serial = SERIAL.lock().await;
-    let mut s = Scenario::new("closeall", 5, 1_000).await;
+    let Some(mut s) = Scenario::on("closeall", 5, 1_000, Own::rabbitmq(1)).await else {
+        return;
+    };
     s.start_worker().await;
     let publisher = s.spawn_publisher(s.plan(1_500, 3), 750);
     for round in 1..=2 {
         s.wait_recorded(400 * round, GENEROUS).await;
-        close_all_broker_connections("fault test");
+        s.rabbitmq_node(0).close_all_connections("fault test");
     }
     publisher.await.expect("publisher");
     s.wait_recorded(1_500, GENEROUS).await;
@@ -97,7 +125,7 @@ async fn cut_and_stalled_links_to_both_servers_are_survived() {
     // Stalled past two heartbeats (the test URL sets 2 s), the broker link is
     // declared dead and rebuilt.
     s.amqp_proxy.stall();
-    wait_for_readyz(&s, 503, "broker").await;
+    wait_for_readyz(&s, 503, "broker: down").await;
     s.amqp_proxy.resume();
     s.wait_recorded(1_100, GENEROUS).await;
     // A database stall is not detected (no keepalive that short); its length is
@@ -115,16 +143,16 @@ async fn readiness_follows_each_dependency_down_and_back() {
     let _serial = SERIAL.lock().await;
     let mut s = Scenario::new("readyz", 1, 10).await;
     s.start_worker().await;
-    for (name, proxy) in [("database", &s.pg_proxy), ("broker", &s.amqp_proxy)] {
+    for (proxy, down) in [
+        (&s.pg_proxy, "database: down"),
+        (&s.amqp_proxy, "broker: down"),
+    ] {
         proxy.refuse();
-        wait_for_readyz(&s, 503, name).await;
+        wait_for_readyz(&s, 503, down).await;
         proxy.resume();
-        wait_for_readyz(&s, 200, name).await;
+        wait_for_readyz(&s, 200, "broker: consuming").await;
     }
-    let addr = format!("127.0.0.1:{}", s.workers[0].http_port)
-        .parse()
-        .expect("address");
-    let metrics = helpers::http_get(addr, "/metrics").await.1;
+    let metrics = s.metrics(0).await;
     assert!(
         metrics.contains(r#"qty_worker_reconnects_total{dependency="broker"} 1"#),
         "{metrics}"
@@ -132,36 +160,16 @@ async fn readiness_follows_each_dependency_down_and_back() {
     assert_clean_or_empty(s.finish().await);
 }
 
-async fn wait_for_readyz(s: &Scenario, want: u16, dependency: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if s.readyz(0).await == Some(want) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/readyz never said {want} with the {dependency} link changed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn assert_clean_or_empty(verdicts: harness::Verdicts) {
-    assert!(
-        verdicts.violations.is_empty(),
-        "invariants broken: {:#?}",
-        verdicts.violations
-    );
-}
-
 #[tokio::test]
 async fn a_real_rabbitmq_restart_is_survived() {
     let _serial = SERIAL.lock().await;
-    let mut s = Scenario::new("rmqrestart", 5, 1_000).await;
+    let Some(mut s) = Scenario::on("rmqrestart", 5, 1_000, Own::rabbitmq(1)).await else {
+        return;
+    };
     s.start_worker().await;
     let publisher = s.spawn_publisher(s.plan(1_500, 5), 500);
     s.wait_recorded(300, GENEROUS).await;
-    drop(Service::Rabbitmq.restart());
+    s.rabbitmq_node(0).restart();
     publisher.await.expect("publisher");
     s.wait_recorded(1_500, GENEROUS).await;
     s.wait_ready(0).await;
@@ -171,15 +179,15 @@ async fn a_real_rabbitmq_restart_is_survived() {
 #[tokio::test]
 async fn a_real_postgres_restart_is_survived() {
     let _serial = SERIAL.lock().await;
-    let mut s = Scenario::new("pgrestart", 5, 1_000).await;
+    let Some(mut s) = Scenario::on("pgrestart", 5, 1_000, Own::postgres()).await else {
+        return;
+    };
     s.start_worker().await;
     let publisher = s.spawn_publisher(s.plan(1_500, 6), 500);
     s.wait_recorded(300, GENEROUS).await;
-    drop(Service::Postgres.restart());
-    s.pool.close().await;
-    s.pool = sqlx::PgPool::connect(&s.names.database_url())
-        .await
-        .expect("reconnect the harness");
+    s.primary().restart();
+    let url = s.names.database_url();
+    s.reconnect_pool(&url).await;
     publisher.await.expect("publisher");
     s.wait_recorded(1_500, GENEROUS).await;
     assert_clean(s.finish().await);

@@ -2,12 +2,12 @@
 //! republished until the broker confirms it (duplicates are the ledger's job).
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Connection};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-use crate::helpers::AMQP_URL;
+use crate::helpers::connect_any;
 
 /// One request the publisher sent (perhaps more than once).
 #[derive(Clone, Debug)]
@@ -20,6 +20,7 @@ pub struct Sent {
 /// Publishes each request until confirmed, reconnecting as often as it takes.
 /// Returns how many publishes were retried.
 pub async fn publish_through_faults(
+    amqp_urls: &str,
     exchange: &str,
     reply_queue: &str,
     requests: &[Sent],
@@ -37,7 +38,7 @@ pub async fn publish_through_faults(
             serde_json::json!({ "item_id": request.item, "delta": request.delta }).to_string();
         loop {
             if link.is_none() {
-                link = connect_publisher().await;
+                link = connect_publisher(amqp_urls).await;
                 if link.is_none() {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
@@ -75,10 +76,8 @@ pub async fn publish_through_faults(
     retries.into_inner()
 }
 
-async fn connect_publisher() -> Option<(Connection, lapin::Channel)> {
-    let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .ok()?;
+async fn connect_publisher(amqp_urls: &str) -> Option<(Connection, lapin::Channel)> {
+    let connection = connect_any(amqp_urls).await?;
     let channel = connection.create_channel().await.ok()?;
     channel
         .confirm_select(ConfirmSelectOptions::default())

@@ -1,0 +1,52 @@
+//! One transaction, retried through transient failures with capped exponential
+//! backoff. A retry after a commit whose outcome was unknown finds the ledger rows
+//! and replays them, so retrying is always safe.
+
+use super::Shared;
+use crate::decode::Request;
+use crate::store::{self, Answer, StoreError};
+use std::time::Duration;
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Runs `qty_adjust` on `requests` until it passes or fails for good. While the
+/// database refuses writes or cannot be reached, the next host of `DATABASE_URL`
+/// is looked for before each retry.
+pub(super) async fn adjust(
+    shared: &Shared,
+    requests: &[&Request],
+    lock_wait: Duration,
+) -> Result<Vec<Answer>, StoreError> {
+    let mut backoff = FIRST_BACKOFF;
+    let mut failed = false;
+    loop {
+        match store::adjust(&shared.db, requests, lock_wait).await {
+            Ok(answers) => {
+                shared.health.database_writable();
+                if failed {
+                    shared.metrics.reconnected("database");
+                }
+                return Ok(answers);
+            }
+            Err(error) if error.is_transient() => {
+                failed = true;
+                shared.metrics.dependency_error("database");
+                match &error {
+                    StoreError::ReadOnly(_) => shared.health.database_read_only(),
+                    StoreError::Unavailable(_) => shared.health.database_down(),
+                    _ => {}
+                }
+                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "database unavailable; retrying");
+                tokio::time::sleep(backoff).await;
+                if error.spoils_connection()
+                    && let Err(none) = shared.db.relocate().await
+                {
+                    tracing::warn!(error = %none, "no database host accepts writes yet");
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(permanent) => return Err(permanent),
+        }
+    }
+}

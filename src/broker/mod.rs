@@ -1,0 +1,59 @@
+//! The RabbitMQ side: connecting to one of the listed nodes (with a heartbeat, so
+//! a dead link is noticed) and the topology of contract §1.
+
+mod addresses;
+mod topology;
+
+pub use addresses::{Addresses, Unreachable};
+pub use topology::{CHECK_EVERY, DeclareError, REQUEST_ROUTING_KEY, Topology, amqp_code};
+
+use crate::settings::Connections;
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Connection, Consumer};
+
+/// Connects to the first node of `AMQP_URL` that answers: for the operator
+/// commands, which connect once.
+pub async fn connect(connections: &Connections, name: &str) -> anyhow::Result<Connection> {
+    let addresses = Addresses::parse(connections)?;
+    let (connection, _) = addresses.connect(name).await?;
+    Ok(connection)
+}
+
+/// Declares a server-named queue that lives as long as this connection, for
+/// replies to come back to; returns its name.
+pub async fn declare_private_queue(channel: &Channel) -> lapin::Result<String> {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(queue.name().to_string())
+}
+
+/// Consumes `queue` in no-ack mode: for reply listeners, which lose nothing
+/// that matters if they go away (the ledger answers a retried request).
+pub async fn consume_without_acks(channel: &Channel, queue: &str) -> lapin::Result<Consumer> {
+    channel
+        .basic_consume(
+            short(queue),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// A short string from text that came from the broker or from validated settings.
+pub fn short(value: &str) -> ShortString {
+    ShortString::from(value)
+}

@@ -1,0 +1,119 @@
+//! What `/readyz` reports (contract §7): ready only while the database accepts
+//! writes, the consumer is running and the topology exists; otherwise a line
+//! naming each thing that is not.
+
+use std::sync::Mutex;
+
+/// The database as last seen by a transaction or a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseState {
+    /// Not reached yet since start (or not yet migrated).
+    Starting,
+    Writable,
+    ReadOnly,
+    Down,
+}
+
+/// The broker session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerState {
+    /// Connecting, or waiting for the database before consuming.
+    Starting,
+    Consuming,
+    Down,
+    /// A declare was refused because what exists has other arguments.
+    ConfigurationConflict(String),
+}
+
+#[derive(Debug)]
+struct State {
+    database: DatabaseState,
+    broker: BrokerState,
+    /// Set while something the worker declares was found missing, until it is
+    /// declared again.
+    topology_missing: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Health(Mutex<State>);
+
+impl Default for Health {
+    fn default() -> Self {
+        Health(Mutex::new(State {
+            database: DatabaseState::Starting,
+            broker: BrokerState::Starting,
+            topology_missing: None,
+        }))
+    }
+}
+
+impl Health {
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut state)
+    }
+
+    pub fn database_writable(&self) {
+        self.set_database(DatabaseState::Writable);
+    }
+
+    pub fn database_read_only(&self) {
+        self.set_database(DatabaseState::ReadOnly);
+    }
+
+    pub fn database_down(&self) {
+        self.set_database(DatabaseState::Down);
+    }
+
+    pub fn set_database(&self, state: DatabaseState) {
+        self.with(|s| s.database = state);
+    }
+
+    pub fn database(&self) -> DatabaseState {
+        self.with(|s| s.database)
+    }
+
+    pub fn set_broker(&self, state: BrokerState) {
+        self.with(|s| s.broker = state);
+    }
+
+    pub fn broker(&self) -> BrokerState {
+        self.with(|s| s.broker.clone())
+    }
+
+    pub fn consuming(&self) -> bool {
+        self.broker() == BrokerState::Consuming
+    }
+
+    pub fn set_topology_missing(&self, what: Option<String>) {
+        self.with(|s| s.topology_missing = what);
+    }
+
+    /// Whether the worker is ready, and the body `/readyz` answers with.
+    pub fn report(&self) -> (bool, String) {
+        self.with(|s| {
+            let database = match s.database {
+                DatabaseState::Starting => "starting",
+                DatabaseState::Writable => "up",
+                DatabaseState::ReadOnly => "read-only",
+                DatabaseState::Down => "down",
+            };
+            let broker = match &s.broker {
+                BrokerState::Starting => "starting".to_owned(),
+                BrokerState::Consuming => "consuming".to_owned(),
+                BrokerState::Down => "down".to_owned(),
+                BrokerState::ConfigurationConflict(what) => {
+                    format!("configuration conflict: {what}")
+                }
+            };
+            let mut body = format!("database: {database}\nbroker: {broker}\n");
+            if let Some(what) = &s.topology_missing {
+                body.push_str(&format!("topology: missing {what}, declaring it again\n"));
+            }
+            let ready = s.database == DatabaseState::Writable
+                && s.broker == BrokerState::Consuming
+                && s.topology_missing.is_none();
+            (ready, body)
+        })
+    }
+}

@@ -1,0 +1,104 @@
+//! The hot path: one call of the `qty_adjust` function (see `migrations/`) records
+//! and applies a batch of requests in one transaction.
+
+use super::{Database, StoreError};
+use crate::decode::Request;
+use crate::outcome::{Outcome, Reason};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// The database's answer for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Recorded (or found recorded): the outcome is final.
+    Done(Adjusted),
+    /// Its item (or its message_id) stayed locked by someone else for the whole
+    /// lock wait: nothing was recorded or changed, try again later.
+    Busy,
+}
+
+/// A final outcome, and whether it came from the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adjusted {
+    pub outcome: Outcome,
+    pub replayed: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct AdjustRow {
+    pos: i32,
+    outcome: String,
+    reason: Option<String>,
+    qty_after: Option<i64>,
+    replayed: bool,
+}
+
+/// Records and applies `requests` in order, in one transaction, one answer each.
+/// A lock held elsewhere is waited for at most `lock_wait`. A connection that
+/// failed in a way that may last (lost, read-only) is closed rather than reused.
+pub async fn adjust(
+    db: &Database,
+    requests: &[&Request],
+    lock_wait: Duration,
+) -> Result<Vec<Answer>, StoreError> {
+    let message_ids: Vec<&str> = requests.iter().map(|r| r.message_id.as_str()).collect();
+    let item_ids: Vec<Uuid> = requests.iter().map(|r| r.item_id).collect();
+    let deltas: Vec<i64> = requests.iter().map(|r| r.delta).collect();
+    let lock_wait_ms = i32::try_from(lock_wait.as_millis()).unwrap_or(i32::MAX);
+    let mut connection = db.pool.acquire().await?;
+    let rows: Result<Vec<AdjustRow>, _> = sqlx::query_as(
+        "select pos, outcome, reason, qty_after, replayed from qty_adjust($1, $2, $3, $4) order by pos",
+    )
+    .bind(&message_ids)
+    .bind(&item_ids)
+    .bind(&deltas)
+    .bind(lock_wait_ms)
+    .fetch_all(&mut *connection)
+    .await;
+    let rows = rows.map_err(|error| {
+        let error = StoreError::from(error);
+        if error.spoils_connection() {
+            connection.close_on_drop();
+        }
+        error
+    })?;
+    if rows.len() != requests.len()
+        || rows
+            .iter()
+            .enumerate()
+            .any(|(i, r)| r.pos as usize != i + 1)
+    {
+        return Err(StoreError::Permanent(sqlx::Error::Protocol(format!(
+            "qty_adjust answered {} rows for {} requests",
+            rows.len(),
+            requests.len()
+        ))));
+    }
+    rows.into_iter().map(AdjustRow::into_answer).collect()
+}
+
+impl AdjustRow {
+    fn into_answer(self) -> Result<Answer, StoreError> {
+        let outcome = match (
+            self.outcome.as_str(),
+            self.reason.as_deref(),
+            self.qty_after,
+        ) {
+            ("busy", None, None) => return Ok(Answer::Busy),
+            ("applied", None, Some(qty)) => Some(Outcome::Applied { qty }),
+            ("not_found", None, None) => Some(Outcome::NotFound),
+            ("rejected", Some(code), None) => Reason::from_code(code).map(Outcome::Rejected),
+            _ => None,
+        };
+        let outcome = outcome.ok_or_else(|| {
+            StoreError::Permanent(sqlx::Error::Protocol(format!(
+                "qty_adjust answered an impossible outcome {:?}/{:?}/{:?}",
+                self.outcome, self.reason, self.qty_after
+            )))
+        })?;
+        Ok(Answer::Done(Adjusted {
+            outcome,
+            replayed: self.replayed,
+        }))
+    }
+}

@@ -1,0 +1,166 @@
+//! The worker's handle on PostgreSQL: a pool whose new connections go to the
+//! host [`Target`] last found usable, the start-up work (create, migrate), and
+//! the writability probe behind `/readyz`.
+//!
+//! Nothing here connects at construction: the worker starts, serves `/readyz`
+//! (503) and waits with backoff while the database is not there yet.
+
+use super::StoreError;
+use super::target::{NoHost, Target, describe};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Connection as _, PgConnection};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a transaction may wait for a pool connection before the wait counts
+/// as the database being unavailable.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A pool on the usable host of `DATABASE_URL`.
+#[derive(Clone, Debug)]
+pub struct Database {
+    pub pool: PgPool,
+    pub target: Arc<Target>,
+}
+
+/// What `/readyz` reports of the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writability {
+    Writable,
+    ReadOnly,
+    Down,
+}
+
+/// Why the start-up work failed; it is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    NoHost(#[from] NoHost),
+    #[error("cannot create database {database:?}: {message}")]
+    Create { database: String, message: String },
+    #[error("cannot apply the migrations: {0}")]
+    Migrate(String),
+}
+
+impl Database {
+    /// A pool that connects on first use, with at most `max_connections`.
+    pub fn new(target: Target, max_connections: u32) -> Database {
+        let target = Arc::new(target);
+        let check = target.clone();
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            // Keep only a connection that satisfies target_session_attrs: a host
+            // can turn standby between two connections.
+            .after_connect(move |connection, _| {
+                let check = check.clone();
+                Box::pin(async move {
+                    if check.satisfied_by(connection).await? {
+                        Ok(())
+                    } else {
+                        Err(sqlx::Error::Configuration(
+                            "the host no longer satisfies target_session_attrs".into(),
+                        ))
+                    }
+                })
+            })
+            .connect_lazy_with(target.options());
+        Database { pool, target }
+    }
+
+    /// Finds the usable host, creates the database there if it is missing, and
+    /// applies the migrations. Only `run` and `migrate` do this.
+    pub async fn prepare(&self) -> Result<(), PrepareError> {
+        let admin = self.target.locate(Some("postgres")).await?;
+        create_database_if_missing(admin, &self.target.database()).await?;
+        self.pool.set_connect_options(self.target.options());
+        super::migrate(&self.pool)
+            .await
+            .map_err(|e| PrepareError::Migrate(format!("{e:#}")))
+    }
+
+    /// Looks for the usable host again after the current one failed, and points
+    /// new connections at it. Connections already open stay until they fail.
+    pub async fn relocate(&self) -> Result<(), NoHost> {
+        if !self.target.can_move() {
+            return Ok(());
+        }
+        let before = self.target.current_host().to_owned();
+        let found = self.target.locate(None).await?;
+        found.close().await.ok();
+        self.pool.set_connect_options(self.target.options());
+        let now = self.target.current_host();
+        if now != before {
+            tracing::warn!(from = %before, to = %now, "database: new connections go to another host");
+        }
+        Ok(())
+    }
+
+    /// Whether the database accepts writes now, asked within `within`. A session
+    /// found read-only is closed, so the next probe (and transaction) opens a fresh
+    /// one: sessions keep the read-only default they started with.
+    pub async fn writability(&self, within: Duration) -> Writability {
+        let probe = async {
+            let mut connection = self.pool.acquire().await?;
+            let writable: bool =
+                sqlx::query_scalar("select current_setting('transaction_read_only') = 'off'")
+                    .fetch_one(&mut *connection)
+                    .await?;
+            if !writable {
+                connection.close_on_drop();
+            }
+            Ok::<_, sqlx::Error>(writable)
+        };
+        match tokio::time::timeout(within, probe).await {
+            Ok(Ok(true)) => Writability::Writable,
+            Ok(Ok(false)) => Writability::ReadOnly,
+            Ok(Err(error)) => match StoreError::from(error) {
+                StoreError::ReadOnly(_) => Writability::ReadOnly,
+                _ => Writability::Down,
+            },
+            Err(_) => Writability::Down,
+        }
+    }
+}
+
+async fn create_database_if_missing(
+    mut admin: PgConnection,
+    name: &str,
+) -> Result<(), PrepareError> {
+    let failed = |error: sqlx::Error| PrepareError::Create {
+        database: name.to_owned(),
+        message: describe(&error),
+    };
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+            .bind(name)
+            .fetch_one(&mut admin)
+            .await
+            .map_err(failed)?;
+    if !exists {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        let created = sqlx::query(sqlx::AssertSqlSafe(format!("create database {quoted}")))
+            .execute(&mut admin)
+            .await;
+        match created {
+            // Another worker created it first: that is just as good.
+            Err(sqlx::Error::Database(e))
+                if matches!(e.code().as_deref(), Some("42P04" | "23505")) => {}
+            Err(error) => return Err(failed(error)),
+            Ok(_) => tracing::info!(database = name, "created the database"),
+        }
+    }
+    admin.close().await.ok();
+    Ok(())
+}
+
+/// For `migrate`, `bench` and tests: opens `url`, creates and migrates the
+/// database once, without the worker's retries.
+pub async fn open_prepared(url: &str, max_connections: u32) -> anyhow::Result<Database> {
+    let database = Database::new(Target::parse(url)?, max_connections);
+    database
+        .prepare()
+        .await
+        .map_err(|error| anyhow::anyhow!("{} ({})", error, database.target.shown))?;
+    Ok(database)
+}

@@ -1,0 +1,151 @@
+//! Lock isolation and per-item order (contract §3 and §5): a row locked by
+//! someone else delays only the requests for that item, and one worker applies an
+//! item's requests in the order they were delivered.
+
+use crate::helpers::TestApp;
+use qty_worker::bench::Mix;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// Publishes `count` requests spread over `items` at about `per_second`, and
+/// returns how many replies came back while publishing and for a moment after,
+/// per second of that window.
+async fn steady_rate(app: &mut TestApp, items: &[Uuid], label: &str, count: usize) -> f64 {
+    let per_second = 100.0;
+    let started = Instant::now();
+    for n in 0..count {
+        let due = started + Duration::from_secs_f64(n as f64 / per_second);
+        tokio::time::sleep_until(due.into()).await;
+        app.adjust(&format!("{label}-{n}"), items[n % items.len()], 1)
+            .await;
+    }
+    let answered = app.replies_by_message_id(count).await;
+    assert!(answered.keys().all(|id| id.starts_with(label)));
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
+#[tokio::test]
+async fn a_row_locked_elsewhere_delays_only_its_own_requests_which_keep_their_order() {
+    let mut app = TestApp::spawn_with(|s| {
+        s.worker.prefetch = 1000;
+        s.worker.db_pool = 4;
+    })
+    .await;
+    let others: Vec<Uuid> = {
+        let mut ids = Vec::new();
+        for _ in 0..50 {
+            ids.push(app.create_item(0).await);
+        }
+        ids
+    };
+    let locked = app.create_item(0).await;
+
+    let unlocked_rate = steady_rate(&mut app, &others, "free", 500).await;
+
+    // Another session holds the item's row, as an operator's transaction would.
+    let holder = sqlx::PgPool::connect(&app.names.database_url())
+        .await
+        .expect("holder");
+    let mut lock = holder.begin().await.expect("begin");
+    sqlx::query("select 1 from items where id = $1 for update")
+        .bind(locked)
+        .execute(&mut *lock)
+        .await
+        .expect("lock the row");
+    // Requests for the locked item, interleaved with the others' traffic: the
+    // first comes now, the rest between bursts.
+    let mut to_locked = Vec::new();
+    let mut rates = Vec::new();
+    for round in 0..4 {
+        let id = format!("locked-{round}");
+        app.adjust(&id, locked, round + 1).await;
+        to_locked.push(id);
+        rates.push(steady_rate(&mut app, &others, &format!("busy{round}"), 250).await);
+    }
+    let locked_rate = rates.iter().sum::<f64>() / rates.len() as f64;
+    println!("replies per second: {unlocked_rate:.1} unlocked, {locked_rate:.1} with a row locked");
+    assert!(
+        locked_rate >= 0.8 * unlocked_rate,
+        "the other items slowed down: {locked_rate:.1}/s against {unlocked_rate:.1}/s unlocked"
+    );
+    assert_eq!(app.qty(locked).await, 0, "the locked item changed");
+
+    lock.rollback().await.expect("release the lock");
+    // Replies are published concurrently, so their arrival order says nothing;
+    // the quantity each one saw says in which order they were applied.
+    let replies = app.replies_by_message_id(to_locked.len()).await;
+    let after: Vec<i64> = to_locked
+        .iter()
+        .map(|id| replies[id].body["qty"].as_i64().expect("applied"))
+        .collect();
+    assert_eq!(
+        after,
+        [1, 3, 6, 10],
+        "the locked item's requests changed order"
+    );
+    let metrics = app.get("/metrics").await.1;
+    assert!(
+        !metrics.contains("qty_worker_lock_waits_timed_out_total 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("qty_worker_requests_set_aside 0"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn each_items_replies_match_a_sequential_replay_of_its_requests_in_publish_order() {
+    let mut app = TestApp::spawn_with(|s| {
+        s.worker.prefetch = qty_worker::settings::DEFAULT_PREFETCH;
+        s.worker.db_pool = qty_worker::settings::DEFAULT_DB_POOL;
+        s.worker.batch_max = qty_worker::settings::DEFAULT_BATCH_MAX;
+    })
+    .await;
+    let mut items = Vec::new();
+    for _ in 0..4 {
+        items.push(app.create_item(5).await);
+    }
+    let mut mix = Mix(77);
+    let requests: Vec<(String, Uuid, i64)> = (0..2_000)
+        .map(|n| {
+            let item = items[mix.below(items.len() as u64) as usize];
+            (format!("o-{n}"), item, mix.below(21) as i64 - 10)
+        })
+        .collect();
+    for (id, item, delta) in &requests {
+        app.adjust(id, *item, *delta).await;
+    }
+    let replies = app.replies_by_message_id(requests.len()).await;
+
+    let mut qty: HashMap<Uuid, i64> = items.iter().map(|i| (*i, 5)).collect();
+    let mut judged_otherwise = Vec::new();
+    for (id, item, delta) in &requests {
+        let now = qty.get_mut(item).expect("item");
+        let expected = if *now + delta >= 0 {
+            *now += delta;
+            format!("applied {now}")
+        } else {
+            "rejected insufficient_qty".to_owned()
+        };
+        let reply = &replies[id].body;
+        let got = match reply["outcome"].as_str() {
+            Some("applied") => format!("applied {}", reply["qty"]),
+            _ => format!("rejected {}", reply["reason"].as_str().unwrap_or("?")),
+        };
+        if got != expected {
+            judged_otherwise.push(format!("{id}: {got}, in order {expected}"));
+        }
+    }
+    assert!(
+        judged_otherwise.is_empty(),
+        "{} of {} requests were judged out of publish order, e.g. {:?}",
+        judged_otherwise.len(),
+        requests.len(),
+        &judged_otherwise[..judged_otherwise.len().min(5)]
+    );
+    for item in &items {
+        assert_eq!(app.qty(*item).await, qty[item]);
+    }
+}
