@@ -15,6 +15,22 @@ use uuid::Uuid;
 /// Largest body the worker reads; larger ones are rejected unparsed.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// Most characters of the request an error text quotes (contract §4), so a
+/// 60,000-character member name cannot make a 60,000-character reply.
+pub const MAX_QUOTE_CHARS: usize = 100;
+
+/// `content_encoding` values that leave the body as sent: kombu and Celery set
+/// one of these on every message.
+const BYTES_AS_SENT: [&str; 4] = ["utf-8", "utf8", "identity", "binary"];
+
+/// `text` cut to [`MAX_QUOTE_CHARS`] characters, with `…` where it was cut.
+fn quote(text: &str) -> String {
+    match text.char_indices().nth(MAX_QUOTE_CHARS) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
 /// The AMQP properties decoding looks at, copied out of the broker's types.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestProps {
@@ -55,7 +71,7 @@ pub enum DecodeError {
     WrongContentType(String),
     #[error("content_type charset must be utf-8, got {0:?}")]
     WrongCharset(String),
-    #[error("content_encoding must be absent, got {0:?}")]
+    #[error("content_encoding must be absent, utf-8, identity or binary, got {0:?}")]
     ContentEncoding(String),
     #[error("body must be at most {MAX_BODY_BYTES} bytes, got {0}")]
     BodyTooLarge(usize),
@@ -158,8 +174,12 @@ fn check_properties(props: &RequestProps) -> Result<(), DecodeError> {
         Some(id) if id.contains('\0') => return Err(DecodeError::NulInMessageId),
         Some(_) => {}
     }
-    if let Some(encoding) = &props.content_encoding {
-        return Err(DecodeError::ContentEncoding(encoding.clone()));
+    if let Some(encoding) = &props.content_encoding
+        && !BYTES_AS_SENT
+            .iter()
+            .any(|ok| encoding.eq_ignore_ascii_case(ok))
+    {
+        return Err(DecodeError::ContentEncoding(quote(encoding)));
     }
     if let Some(content_type) = &props.content_type {
         check_content_type(content_type)?;
@@ -173,7 +193,7 @@ fn check_content_type(content_type: &str) -> Result<(), DecodeError> {
     let mut parts = content_type.split(';');
     let essence = parts.next().unwrap_or_default().trim();
     if !essence.eq_ignore_ascii_case("application/json") {
-        return Err(DecodeError::WrongContentType(content_type.to_owned()));
+        return Err(DecodeError::WrongContentType(quote(content_type)));
     }
     for parameter in parts {
         let Some((name, value)) = parameter.split_once('=') else {
@@ -184,7 +204,7 @@ fn check_content_type(content_type: &str) -> Result<(), DecodeError> {
             && !value.eq_ignore_ascii_case("utf-8")
             && !value.eq_ignore_ascii_case("utf8")
         {
-            return Err(DecodeError::WrongCharset(value.to_owned()));
+            return Err(DecodeError::WrongCharset(quote(value)));
         }
     }
     Ok(())
@@ -290,7 +310,7 @@ impl<'de> Visitor<'de> for BodyVisitor<'_> {
                         Err(e) => self.fields.fail(e),
                     }
                 }
-                _ => self.fields.fail(DecodeError::UnknownMember(key)),
+                _ => self.fields.fail(DecodeError::UnknownMember(quote(&key))),
             }
         }
         Ok(())
@@ -337,7 +357,7 @@ fn parse_item_id(raw: &str) -> Result<Uuid, DecodeError> {
     // only the hyphenated one is 36 characters long.
     match Uuid::try_parse(&text) {
         Ok(id) if text.len() == 36 => Ok(id),
-        _ => Err(DecodeError::ItemIdNotUuid(text)),
+        _ => Err(DecodeError::ItemIdNotUuid(quote(&text))),
     }
 }
 
@@ -348,7 +368,7 @@ fn parse_delta(raw: &str) -> Result<i64, DecodeError> {
     match JsonKind::of(raw) {
         JsonKind::Integer => raw
             .parse::<i64>()
-            .map_err(|_| DecodeError::DeltaOutOfRange(raw.to_owned())),
+            .map_err(|_| DecodeError::DeltaOutOfRange(quote(raw))),
         kind => Err(DecodeError::DeltaNotInteger(kind)),
     }
 }

@@ -289,7 +289,7 @@ fn wrong_properties_are_named() {
                 content_encoding: Some("gzip".into()),
                 ..props()
             },
-            r#"content_encoding must be absent, got "gzip""#,
+            r#"content_encoding must be absent, utf-8, identity or binary, got "gzip""#,
         ),
     ];
     for (props, expected) in cases {
@@ -299,6 +299,35 @@ fn wrong_properties_are_named() {
             "{props:?}"
         );
     }
+}
+
+#[test]
+fn the_encodings_kombu_and_celery_set_are_bytes_as_sent() {
+    for encoding in ["utf-8", "UTF-8", "utf8", "identity", "binary", "Binary"] {
+        let props = RequestProps {
+            content_encoding: Some(encoding.into()),
+            ..props()
+        };
+        let request = decode(&props, body("-2").as_bytes()).expect(encoding);
+        assert_eq!(request.delta, -2);
+    }
+}
+
+#[test]
+fn an_error_quotes_at_most_100_characters_of_the_request() {
+    let long_name = "m".repeat(60_000);
+    let text = format!(r#"{{"item_id":"{ITEM}","delta":1,"{long_name}":0}}"#);
+    let error = error_of(&props(), text.as_bytes());
+    assert_eq!(
+        error,
+        format!("body has unknown member \"{}…\"", "m".repeat(100))
+    );
+    let long_encoding = RequestProps {
+        content_encoding: Some("é".repeat(300)),
+        ..props()
+    };
+    let error = error_of(&long_encoding, body("1").as_bytes());
+    assert!(error.chars().count() < 200, "{error}");
 }
 
 #[test]

@@ -10,6 +10,7 @@ use crate::ack::Acks;
 use crate::apply::{Applier, Pending};
 use crate::decode::{Invalid, RequestProps, decode};
 use crate::health::Health;
+use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
 use crate::outcome::Verdict;
 use crate::reply::{self, ReplyRoute};
@@ -31,6 +32,8 @@ pub struct Context {
     pub exchange: String,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
+    /// Warnings about invalid requests, so a flood of them cannot flood the log.
+    pub invalid_log: LogBudget,
 }
 
 /// The broker session a delivery came in on.
@@ -168,7 +171,12 @@ async fn process(
             None => return Settled::Abandoned,
         },
         Err(invalid) => {
-            // A publisher is sending something wrong: an operator should see which.
+            // A publisher is sending something wrong: an operator should see
+            // which (the span carries message_id and correlation_id).
+            let (log, suppressed) = ctx.invalid_log.take(Instant::now());
+            if log {
+                tracing::warn!(error = %invalid.error, suppressed_before = suppressed, "invalid request rejected");
+            }
             tracing::debug!(body = %String::from_utf8_lossy(&delivery.data), "invalid request body");
             Verdict::for_invalid(&invalid)
         }

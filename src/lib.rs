@@ -29,6 +29,7 @@ pub mod decode;
 pub mod delivery;
 pub mod health;
 pub mod http;
+pub mod log_budget;
 pub mod metrics;
 pub mod outcome;
 pub mod redact;

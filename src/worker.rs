@@ -12,6 +12,7 @@ use crate::broker::{Addresses, DeclareError, Topology};
 use crate::delivery::{self, Context, Link};
 use crate::health::{BrokerState, DatabaseState, Health};
 use crate::http;
+use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::store::{Database, Target};
@@ -32,6 +33,10 @@ use tokio_util::sync::CancellationToken;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Invalid requests logged at warn per minute; the rest are counted in the next
+/// warning (and always in `qty_worker_adjustments_total`).
+const INVALID_WARNINGS_PER_MINUTE: u32 = 20;
 
 /// A worker with its settings checked and its HTTP listener bound. It has not
 /// touched either dependency yet: [`Worker::run_until_stopped`] waits for them.
@@ -87,6 +92,7 @@ impl Worker {
             exchange: settings.connections.exchange.clone(),
             health,
             metrics,
+            invalid_log: LogBudget::new(INVALID_WARNINGS_PER_MINUTE, Duration::from_secs(60)),
         });
         Ok(Worker {
             settings,

@@ -39,11 +39,8 @@ impl Output {
     /// Prints `value` as one JSON line, or as `human` renders it.
     pub fn print<T: Serialize>(self, value: &T, human: impl FnOnce(&T) -> String) {
         match self {
-            Output::Json => println!(
-                "{}",
-                serde_json::to_string(value).expect("serializable output")
-            ),
-            Output::Human => println!("{}", human(value)),
+            Output::Json => emit(&serde_json::to_string(value).expect("serializable output")),
+            Output::Human => emit(&human(value)),
         }
     }
 
@@ -51,13 +48,24 @@ impl Output {
     pub fn reply(self, text: &str) {
         match (self, serde_json::from_str::<serde_json::Value>(text)) {
             (Output::Human, Ok(value)) => {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&value).expect("serializable")
-                )
+                emit(&serde_json::to_string_pretty(&value).expect("serializable"))
             }
-            _ => println!("{text}"),
+            _ => emit(text),
         }
+    }
+}
+
+/// Prints one line to stdout. A reader that went away (`| head`) ends the
+/// command quietly, as it ends any Unix tool, instead of a panic.
+pub fn emit(line: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write the output: {error}");
+        std::process::exit(1);
     }
 }
 
@@ -82,9 +90,9 @@ pub async fn bench(
     let json = args.json;
     let report = crate::bench::run(connections, args).await?;
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        emit(&serde_json::to_string(&report)?);
     } else {
-        println!("{report}");
+        emit(&report.to_string());
     }
     Ok(if report.invariants_hold {
         ExitCode::SUCCESS
