@@ -1,6 +1,11 @@
-//! The command line: `run`, `migrate`, and the operator commands.
+//! The command line: `run`, `migrate`, and the operator commands. Each
+//! subcommand takes, and lists in its `--help`, only the settings it uses (its
+//! own options first), so `adjust --help` shows no database and `item --help` no
+//! broker (contract §8).
 
-use crate::settings::{Connections, LogFormat, WorkerSettings};
+use crate::settings::{
+    BrokerArgs, Connections, DatabaseArgs, ExchangeArg, LogArgs, QueueArg, WorkerSettings,
+};
 use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
@@ -11,22 +16,6 @@ use uuid::Uuid;
     about = "Applies qty.adjust requests from RabbitMQ to PostgreSQL, exactly once per message_id."
 )]
 pub struct Cli {
-    #[command(flatten)]
-    pub connections: Connections,
-
-    /// Print command results as JSON (the default when stdout is not a terminal).
-    #[arg(long, global = true)]
-    pub json: bool,
-
-    /// Export spans over OTLP/HTTP to this traces URL, e.g.
-    /// http://collector:4318/v1/traces (needs a build with the `otlp` feature).
-    #[arg(long, env = "QTY_OTLP_ENDPOINT", global = true)]
-    pub otlp_endpoint: Option<String>,
-
-    /// Log format; defaults to pretty on a terminal and json otherwise.
-    #[arg(long, env = "QTY_LOG_FORMAT", value_enum, global = true)]
-    pub log_format: Option<LogFormat>,
-
     #[command(subcommand)]
     pub command: Command,
 }
@@ -34,26 +23,51 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create and migrate the database, declare the broker topology, and consume.
-    Run(WorkerSettings),
+    Run(RunArgs),
     /// Create the database if missing and apply migrations, then exit.
-    Migrate,
+    Migrate(MigrateArgs),
     /// Create, show or list items.
     #[command(subcommand)]
     Item(ItemCommand),
     /// Show an item's adjustment history, newest first.
-    Ledger {
-        item_id: Uuid,
-        /// Most rows to show.
-        #[arg(long, default_value_t = 50)]
-        limit: i64,
-    },
+    Ledger(LedgerArgs),
     /// Inspect or replay the dead-letter queue.
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
     /// Publish one request and print its reply (exit 0 applied, 3 not_found, 4 rejected).
     Adjust(AdjustArgs),
     /// Load a running worker through the broker and print throughput and latency.
-    Bench(crate::bench::BenchArgs),
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub worker: WorkerSettings,
+    #[command(flatten)]
+    pub connections: Connections,
+    #[command(flatten)]
+    pub logs: LogArgs,
+    /// Export spans over OTLP/HTTP to this traces URL, e.g.
+    /// http://collector:4318/v1/traces (needs a build with the `otlp` feature).
+    #[arg(long, env = "QTY_OTLP_ENDPOINT", help_heading = "Logs and traces")]
+    pub otlp_endpoint: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub logs: LogArgs,
+}
+
+/// `--json`, for the commands that print results.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct JsonArg {
+    /// Print JSON lines, one object per line (the default when stdout is not a terminal).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -64,36 +78,78 @@ pub enum ItemCommand {
         #[arg(long)]
         id: Option<Uuid>,
         /// Starting quantity (0 or more).
-        #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
+        #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(0..))]
         qty: i64,
+        #[command(flatten)]
+        json: JsonArg,
+        #[command(flatten)]
+        database: DatabaseArgs,
     },
-    /// Print an item.
-    Show { id: Uuid },
+    /// Print an item (exit 3 when there is none).
+    Show {
+        /// The item's id, a UUID.
+        id: Uuid,
+        #[command(flatten)]
+        json: JsonArg,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
     /// Print items, oldest first.
     List {
         /// Most items to show.
         #[arg(long, default_value_t = 100)]
         limit: i64,
+        #[command(flatten)]
+        json: JsonArg,
+        #[command(flatten)]
+        database: DatabaseArgs,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct LedgerArgs {
+    /// The item whose history to show, a UUID.
+    pub item_id: Uuid,
+    /// Most rows to show.
+    #[arg(long, default_value_t = 50)]
+    pub limit: i64,
+    #[command(flatten)]
+    pub json: JsonArg,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum DeadLettersCommand {
     /// Show what is in `<queue>.dead` (the messages stay there).
-    List,
+    List {
+        #[command(flatten)]
+        json: JsonArg,
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        queue: QueueArg,
+    },
     /// Move dead-lettered requests back to the request queue.
     Replay {
+        /// The message ids to replay.
+        #[arg(required_unless_present = "all")]
+        message_ids: Vec<String>,
         /// Replay every dead letter.
         #[arg(long, conflicts_with = "message_ids")]
         all: bool,
-        /// The message ids to replay.
-        message_ids: Vec<String>,
+        #[command(flatten)]
+        json: JsonArg,
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        queue: QueueArg,
     },
 }
 
 #[derive(Debug, Args)]
 pub struct AdjustArgs {
-    /// The item to adjust.
+    /// The item to adjust, a UUID.
     pub item_id: Uuid,
     /// How much to add (negative to take away).
     #[arg(allow_negative_numbers = true)]
@@ -104,4 +160,97 @@ pub struct AdjustArgs {
     /// Seconds to wait for the reply.
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
+    #[command(flatten)]
+    pub json: JsonArg,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub exchange: ExchangeArg,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchCommand {
+    #[command(flatten)]
+    pub bench: crate::bench::BenchArgs,
+    #[command(flatten)]
+    pub connections: Connections,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    /// The long options `qty-worker SUBCOMMAND… --help` lists.
+    fn options(path: &[&str]) -> Vec<String> {
+        let mut command = Cli::command();
+        command.build();
+        let mut at = &command;
+        for name in path {
+            at = at.find_subcommand(name).expect("subcommand");
+        }
+        at.get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_owned))
+            .filter(|long| long != "help" && long != "version")
+            .collect()
+    }
+
+    #[test]
+    fn each_subcommand_takes_only_the_settings_it_uses() {
+        let adjust = options(&["adjust"]);
+        assert!(adjust.contains(&"amqp-url".to_owned()) && adjust.contains(&"exchange".to_owned()));
+        assert!(
+            !adjust
+                .iter()
+                .any(|o| o == "database-url" || o == "queue" || o == "log-format")
+        );
+        for item in ["create", "show", "list"] {
+            let item = options(&["item", item]);
+            assert!(item.contains(&"database-url".to_owned()));
+            assert!(
+                !item
+                    .iter()
+                    .any(|o| o.starts_with("amqp") || o == "exchange")
+            );
+        }
+        let ledger = options(&["ledger"]);
+        assert!(!ledger.iter().any(|o| o.starts_with("amqp")));
+        let dead = options(&["dead-letters", "list"]);
+        assert!(dead.contains(&"queue".to_owned()));
+        assert!(!dead.iter().any(|o| o == "database-url" || o == "exchange"));
+        let run = options(&["run"]);
+        assert!(run.contains(&"prefetch".to_owned()) && !run.contains(&"json".to_owned()));
+        assert_eq!(options(&["migrate"]), ["database-url", "log-format"]);
+    }
+
+    #[test]
+    fn a_subcommands_own_options_come_before_the_connection_settings() {
+        let bench = options(&["bench"]);
+        let own = bench
+            .iter()
+            .position(|o| o == "messages")
+            .expect("--messages");
+        let url = bench
+            .iter()
+            .position(|o| o == "amqp-url")
+            .expect("--amqp-url");
+        assert!(own < url, "{bench:?}");
+    }
+
+    #[test]
+    fn negative_quantities_are_refused_as_out_of_range_not_as_unknown_flags() {
+        let error = Cli::try_parse_from(["qty-worker", "item", "create", "--qty", "-1"])
+            .expect_err("negative qty");
+        assert_eq!(error.kind(), clap::error::ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn replay_without_ids_or_all_is_a_usage_error() {
+        let error =
+            Cli::try_parse_from(["qty-worker", "dead-letters", "replay"]).expect_err("no ids");
+        assert_eq!(
+            error.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+    }
 }

@@ -1,29 +1,27 @@
 use clap::Parser as _;
-use qty_worker::cli::{Cli, Command, DeadLettersCommand};
+use qty_worker::cli::{Cli, Command, DeadLettersCommand, ItemCommand};
 use qty_worker::commands::{Output, adjust, dead_letters, item, ledger};
-use qty_worker::settings::{SettingError, Settings};
+use qty_worker::settings::{LogFormat, SettingError, Settings};
 use qty_worker::{commands, telemetry};
 use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet_by_default = !matches!(cli.command, Command::Run(_));
-    let output = Output::choose(cli.json);
-    let default_filter = if quiet_by_default { "warn" } else { "info" };
-    let _telemetry =
-        match telemetry::init(cli.log_format, default_filter, cli.otlp_endpoint.as_deref()) {
-            Ok(guard) => guard,
-            Err(error) => {
-                eprintln!("error: {error:#}");
-                return ExitCode::FAILURE;
-            }
-        };
+    let (log_format, otlp_endpoint, default_filter) = logging(&cli.command);
+    let quiet = !matches!(cli.command, Command::Run(_) | Command::Migrate(_));
+    let _telemetry = match telemetry::init(log_format, default_filter, otlp_endpoint.as_deref()) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
-        Command::Run(worker) => {
+        Command::Run(run) => {
             let settings = Settings {
-                connections: cli.connections,
-                worker,
+                connections: run.connections,
+                worker: run.worker,
             };
             // Spawned rather than awaited here: `main` runs outside the runtime's
             // worker threads, and every delivery handed from it to a task would
@@ -33,24 +31,37 @@ async fn main() -> ExitCode {
                 Err(panic) => Err(anyhow::anyhow!("the worker panicked: {panic}")),
             }
         }
-        Command::Migrate => commands::migrate(&cli.connections).await,
-        Command::Item(command) => item::run(&cli.connections, command, output).await,
-        Command::Ledger { item_id, limit } => {
-            ledger::run(&cli.connections, item_id, limit, output).await
+        Command::Migrate(migrate) => commands::migrate(&migrate.database).await,
+        Command::Item(command) => item::run(command).await,
+        Command::Ledger(args) => {
+            let output = Output::choose(args.json.json);
+            ledger::run(&args.database, args.item_id, args.limit, output).await
         }
-        Command::DeadLetters(DeadLettersCommand::List) => {
-            dead_letters::list(&cli.connections, output).await
+        Command::DeadLetters(DeadLettersCommand::List {
+            json,
+            broker,
+            queue,
+        }) => dead_letters::list(&broker, &queue.queue, Output::choose(json.json)).await,
+        Command::DeadLetters(DeadLettersCommand::Replay {
+            message_ids,
+            all,
+            json,
+            broker,
+            queue,
+        }) => {
+            let output = Output::choose(json.json);
+            dead_letters::replay(&broker, &queue.queue, all, &message_ids, output).await
         }
-        Command::DeadLetters(DeadLettersCommand::Replay { all, message_ids }) => {
-            dead_letters::replay(&cli.connections, all, &message_ids, output).await
+        Command::Adjust(args) => {
+            let output = Output::choose(args.json.json);
+            adjust::run(args, output).await
         }
-        Command::Adjust(args) => adjust::run(&cli.connections, args, output).await,
-        Command::Bench(args) => commands::bench(&cli.connections, args).await,
+        Command::Bench(args) => commands::bench(&args.connections, args.bench).await,
     };
     result.unwrap_or_else(|error| match error.downcast_ref::<SettingError>() {
         // A setting that can never work: a usage error, not an outage to wait out.
         Some(setting) => {
-            if quiet_by_default {
+            if quiet {
                 eprintln!("error: {setting}");
             } else {
                 tracing::error!(setting = setting.setting, "{setting}");
@@ -62,6 +73,23 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     })
+}
+
+/// The log format, OTLP endpoint and default filter of a command. The operator
+/// commands log only warnings (and nothing of lapin's: they say themselves what
+/// went wrong, once).
+fn logging(command: &Command) -> (Option<LogFormat>, Option<String>, &'static str) {
+    match command {
+        Command::Run(run) => (run.logs.log_format, run.otlp_endpoint.clone(), "info"),
+        Command::Migrate(migrate) => (migrate.logs.log_format, None, "info"),
+        Command::Item(
+            ItemCommand::Create { .. } | ItemCommand::Show { .. } | ItemCommand::List { .. },
+        )
+        | Command::Ledger(_)
+        | Command::DeadLetters(_)
+        | Command::Adjust(_)
+        | Command::Bench(_) => (None, None, "warn,lapin=off"),
+    }
 }
 
 /// Completes on SIGTERM or Ctrl-C.

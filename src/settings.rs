@@ -25,45 +25,97 @@ pub const DEFAULT_BATCH_MAX: u32 = 100;
 /// against the second costs the lane that waits.
 pub const DEFAULT_LOCK_WAIT_MS: u64 = 200;
 
-/// Connection settings shared by every subcommand.
+/// How to reach RabbitMQ.
 #[derive(Debug, Clone, Args)]
-pub struct Connections {
+#[command(next_help_heading = "RabbitMQ")]
+pub struct BrokerArgs {
     /// RabbitMQ URL (amqp:// or amqps://), or several comma-separated, one per
     /// cluster node: every (re)connect tries them in turn.
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        global = true
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub amqp_url: String,
 
     /// PEM file of extra CAs to trust for amqps:// (a private CA, say).
-    #[arg(long, env = "AMQP_CA_FILE", global = true)]
+    #[arg(long, env = "AMQP_CA_FILE")]
     pub amqp_ca_file: Option<std::path::PathBuf>,
+}
 
+/// How to reach PostgreSQL.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "PostgreSQL")]
+pub struct DatabaseArgs {
     /// PostgreSQL URL. Several hosts follow a failover:
     /// postgres://u@h1:5432,h2:5432/db?target_session_attrs=read-write. For TLS add
     /// `sslmode=verify-full&sslrootcert=/path/ca.pem`.
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/inventory",
-        global = true
+        default_value = "postgres://postgres@127.0.0.1:5432/inventory"
     )]
     pub database_url: String,
+}
 
+/// The exchange requests arrive on.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Names")]
+pub struct ExchangeArg {
     /// Topic exchange that requests arrive on and events leave by.
-    #[arg(long, env = "QTY_EXCHANGE", default_value = "inventory", value_parser = name_parser, global = true)]
+    #[arg(long, env = "QTY_EXCHANGE", default_value = "inventory", value_parser = name_parser)]
     pub exchange: String,
+}
 
+/// The queue requests are consumed from.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Names")]
+pub struct QueueArg {
     /// Durable quorum queue the worker consumes requests from.
-    #[arg(long, env = "QTY_QUEUE", default_value = "qty.adjust", value_parser = name_parser, global = true)]
+    #[arg(long, env = "QTY_QUEUE", default_value = "qty.adjust", value_parser = name_parser)]
     pub queue: String,
+}
+
+/// Everything that connects the worker to its broker and database, with the
+/// names it uses there.
+#[derive(Debug, Clone, Args)]
+pub struct Connections {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub exchange: ExchangeArg,
+    #[command(flatten)]
+    pub queue: QueueArg,
+}
+
+impl Connections {
+    pub fn database_url(&self) -> &str {
+        &self.database.database_url
+    }
+
+    pub fn exchange(&self) -> &str {
+        &self.exchange.exchange
+    }
+
+    pub fn queue(&self) -> &str {
+        &self.queue.queue
+    }
+}
+
+/// Logging and tracing for the commands that run for long (`run`, `migrate`).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Logs and traces")]
+pub struct LogArgs {
+    /// Log format; defaults to pretty on a terminal and json otherwise.
+    #[arg(long, env = "QTY_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
 }
 
 /// Settings only the worker itself (`run`) uses.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Worker")]
 pub struct WorkerSettings {
     /// Deliveries in flight at once (AMQP prefetch); also bounds memory.
     #[arg(long, env = "QTY_PREFETCH", default_value_t = DEFAULT_PREFETCH, value_parser = clap::value_parser!(u16).range(1..))]

@@ -62,10 +62,12 @@ impl Worker {
     /// Checks the settings (a [`crate::settings::SettingError`] for one that can
     /// never work) and binds the HTTP listener. Connects to nothing.
     pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
-        let target = Target::parse(&settings.connections.database_url)?;
-        let addresses = Arc::new(Addresses::parse(&settings.connections)?);
+        let connections = &settings.connections;
+        let target = Target::parse(connections.database_url())?;
+        let addresses = Arc::new(Addresses::parse(&connections.broker)?);
         let topology = Arc::new(Topology::new(
-            &settings.connections,
+            connections.exchange(),
+            connections.queue(),
             settings.worker.delivery_limit,
         ));
         let db = Database::new(target, settings.worker.db_pool);
@@ -89,7 +91,7 @@ impl Worker {
         );
         let ctx = Arc::new(Context {
             applier,
-            exchange: settings.connections.exchange.clone(),
+            exchange: settings.connections.exchange().to_owned(),
             health,
             metrics,
             invalid_log: LogBudget::new(INVALID_WARNINGS_PER_MINUTE, Duration::from_secs(60)),

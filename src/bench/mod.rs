@@ -81,7 +81,7 @@ pub async fn run(connections: &Connections, args: BenchArgs) -> anyhow::Result<R
         args.delta_min <= args.delta_max,
         "--delta-min must not exceed --delta-max"
     );
-    let pool = store::open_prepared(&connections.database_url, 2)
+    let pool = store::open_prepared(connections.database_url(), 2)
         .await?
         .pool;
     let mut items = Vec::with_capacity(args.items);
@@ -94,7 +94,7 @@ pub async fn run(connections: &Connections, args: BenchArgs) -> anyhow::Result<R
     }
     let planned = plan(&args, &items);
 
-    let connection = broker::connect(connections, "qty-worker bench").await?;
+    let connection = broker::connect(&connections.broker, "qty-worker bench").await?;
     let publisher = connection.create_channel().await?;
     publisher
         .confirm_select(ConfirmSelectOptions::default())
@@ -104,8 +104,11 @@ pub async fn run(connections: &Connections, args: BenchArgs) -> anyhow::Result<R
     let mut replies = broker::consume_without_acks(&listener, &reply_queue).await?;
 
     if args.backlog {
-        let topology =
-            crate::broker::Topology::new(connections, crate::settings::DEFAULT_DELIVERY_LIMIT);
+        let topology = crate::broker::Topology::new(
+            connections.exchange(),
+            connections.queue(),
+            crate::settings::DEFAULT_DELIVERY_LIMIT,
+        );
         topology.declare(&publisher).await.context(
             "cannot declare the queue (a worker with another --delivery-limit declared it first?)",
         )?;
@@ -157,7 +160,7 @@ pub async fn run(connections: &Connections, args: BenchArgs) -> anyhow::Result<R
         eprintln!(
             "backlog published: {} requests wait in {}; start the worker now",
             planned.len(),
-            connections.queue
+            connections.queue()
         );
     }
     let received = collector.await.context("reply collector failed")?;
@@ -201,7 +204,7 @@ async fn publish_all(
             .push_back(Instant::now());
         let confirm = channel
             .basic_publish(
-                short(&connections.exchange),
+                short(connections.exchange()),
                 short(REQUEST_ROUTING_KEY),
                 BasicPublishOptions::default(),
                 body.as_bytes(),

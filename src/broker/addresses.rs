@@ -3,7 +3,7 @@
 //! failed last, so losing a node moves the worker to a live one.
 
 use crate::redact::redact;
-use crate::settings::{Connections, SettingError};
+use crate::settings::{BrokerArgs, SettingError};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::LongString;
 use lapin::uri::AMQPUri;
@@ -38,7 +38,7 @@ pub struct Unreachable(String);
 impl Addresses {
     /// Parses `AMQP_URL` and reads `AMQP_CA_FILE`: what can never work is a
     /// [`SettingError`].
-    pub fn parse(connections: &Connections) -> Result<Addresses, SettingError> {
+    pub fn parse(connections: &BrokerArgs) -> Result<Addresses, SettingError> {
         let mut nodes = Vec::new();
         for url in connections.amqp_url.split(',').map(str::trim) {
             let shown = redact(url);
@@ -133,13 +133,10 @@ impl Addresses {
 mod tests {
     use super::*;
 
-    fn connections(amqp_url: &str) -> Connections {
-        Connections {
+    fn connections(amqp_url: &str) -> BrokerArgs {
+        BrokerArgs {
             amqp_url: amqp_url.into(),
             amqp_ca_file: None,
-            database_url: String::new(),
-            exchange: "e".into(),
-            queue: "q".into(),
         }
     }
 

@@ -7,15 +7,15 @@ mod topology;
 pub use addresses::{Addresses, Unreachable};
 pub use topology::{CHECK_EVERY, DeclareError, REQUEST_ROUTING_KEY, Topology, amqp_code};
 
-use crate::settings::Connections;
+use crate::settings::BrokerArgs;
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection, Consumer};
 
 /// Connects to the first node of `AMQP_URL` that answers: for the operator
 /// commands, which connect once.
-pub async fn connect(connections: &Connections, name: &str) -> anyhow::Result<Connection> {
-    let addresses = Addresses::parse(connections)?;
+pub async fn connect(broker: &BrokerArgs, name: &str) -> anyhow::Result<Connection> {
+    let addresses = Addresses::parse(broker)?;
     let (connection, _) = addresses.connect(name).await?;
     Ok(connection)
 }

@@ -8,7 +8,6 @@
 //! deleted, whatever route the replies take.
 
 use crate::health::Health;
-use crate::settings::Connections;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ExchangeKind};
@@ -45,14 +44,19 @@ pub enum DeclareError {
 }
 
 impl Topology {
-    pub fn new(connections: &Connections, delivery_limit: u32) -> Topology {
+    pub fn new(exchange: &str, queue: &str, delivery_limit: u32) -> Topology {
         Topology {
-            exchange: connections.exchange.clone(),
-            queue: connections.queue.clone(),
-            dead_letter_exchange: format!("{}.dlx", connections.exchange),
-            dead_letter_queue: format!("{}.dead", connections.queue),
+            exchange: exchange.to_owned(),
+            queue: queue.to_owned(),
+            dead_letter_exchange: format!("{exchange}.dlx"),
+            dead_letter_queue: Topology::dead_letter_queue_of(queue),
             delivery_limit,
         }
+    }
+
+    /// `<queue>.dead`, where the request queue `queue` dead-letters to.
+    pub fn dead_letter_queue_of(queue: &str) -> String {
+        format!("{queue}.dead")
     }
 
     /// Declares the exchange, the dead-letter exchange and queue, the request queue

@@ -4,7 +4,6 @@
 use super::{EXIT_NOT_FOUND, EXIT_REJECTED, Output};
 use crate::broker::{self, REQUEST_ROUTING_KEY, short};
 use crate::cli::AdjustArgs;
-use crate::settings::Connections;
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use lapin::BasicProperties;
@@ -17,12 +16,9 @@ use uuid::Uuid;
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// Publishes one request, waits for its reply on direct reply-to, prints it.
-pub async fn run(
-    connections: &Connections,
-    args: AdjustArgs,
-    output: Output,
-) -> anyhow::Result<ExitCode> {
-    let connection = broker::connect(connections, "qty-worker adjust").await?;
+pub async fn run(args: AdjustArgs, output: Output) -> anyhow::Result<ExitCode> {
+    let connection = broker::connect(&args.broker, "qty-worker adjust").await?;
+    let exchange = &args.exchange.exchange;
     let channel = connection.create_channel().await?;
     // Direct reply-to requires consuming (no-ack) before publishing.
     let mut replies = broker::consume_without_acks(&channel, DIRECT_REPLY_TO).await?;
@@ -42,7 +38,7 @@ pub async fn run(
         .with_delivery_mode(2);
     let confirm = channel
         .basic_publish(
-            short(&connections.exchange),
+            short(exchange),
             short(REQUEST_ROUTING_KEY),
             BasicPublishOptions {
                 mandatory: true,
@@ -56,13 +52,13 @@ pub async fn run(
         .with_context(|| {
             format!(
                 "cannot publish to exchange {:?} (is the worker running? it declares it)",
-                connections.exchange
+                exchange
             )
         })?;
     if confirm.take_message().is_some() {
         bail!(
             "no queue is bound to exchange {:?} with routing key {REQUEST_ROUTING_KEY:?} (is the worker running?)",
-            connections.exchange
+            exchange
         );
     }
 

@@ -4,7 +4,7 @@
 
 use super::{EXIT_NOT_FOUND, Output};
 use crate::broker::{self, Topology, short};
-use crate::settings::Connections;
+use crate::settings::BrokerArgs;
 use anyhow::Context as _;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -20,18 +20,18 @@ pub struct DeadLetter {
     pub body: String,
 }
 
-pub async fn list(connections: &Connections, output: Output) -> anyhow::Result<ExitCode> {
-    let (connection, channel) = open(connections).await?;
-    let taken = take_all(&channel, &topology(connections).dead_letter_queue).await?;
+pub async fn list(broker: &BrokerArgs, queue: &str, output: Output) -> anyhow::Result<ExitCode> {
+    let (connection, channel) = open(broker).await?;
+    let dead_letter_queue = Topology::dead_letter_queue_of(queue);
+    let taken = take_all(&channel, &dead_letter_queue).await?;
     let letters: Vec<DeadLetter> = taken.iter().map(describe).collect();
     // Closing without acks hands every message back to the dead-letter queue.
     channel.close(200, "listed".into()).await.ok();
     connection.close(200, "done".into()).await.ok();
-    output.print(&letters, |letters| {
+    output.print_rows(&letters, |letters| {
         let mut text = format!(
-            "{} dead-lettered request(s) in {}",
-            letters.len(),
-            topology(connections).dead_letter_queue
+            "{} dead-lettered request(s) in {dead_letter_queue}",
+            letters.len()
         );
         for letter in letters {
             text.push_str(&format!(
@@ -48,21 +48,18 @@ pub async fn list(connections: &Connections, output: Output) -> anyhow::Result<E
 
 /// Replays every dead letter (`all`) or those whose message_id is in `ids`.
 pub async fn replay(
-    connections: &Connections,
+    broker: &BrokerArgs,
+    queue: &str,
     all: bool,
     ids: &[String],
     output: Output,
 ) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(
-        all || !ids.is_empty(),
-        "name the message ids to replay, or pass --all"
-    );
-    let (connection, channel) = open(connections).await?;
+    let (connection, channel) = open(broker).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let taken = take_all(&channel, &topology(connections).dead_letter_queue).await?;
-    let mut replayed: Vec<String> = Vec::new();
+    let taken = take_all(&channel, &Topology::dead_letter_queue_of(queue)).await?;
+    let mut replayed: Vec<Replayed> = Vec::new();
     for message in &taken {
         let id = message
             .properties
@@ -75,7 +72,7 @@ pub async fn replay(
         let confirm = channel
             .basic_publish(
                 "".into(),
-                short(&connections.queue),
+                short(queue),
                 BasicPublishOptions::default(),
                 &message.data,
                 without_death_headers(&message.properties),
@@ -85,17 +82,18 @@ pub async fn replay(
             .context("the broker did not confirm a replayed request")?;
         anyhow::ensure!(confirm.is_ack(), "the broker refused a replayed request");
         message.acker.ack(BasicAckOptions::default()).await?;
-        replayed.push(id.unwrap_or_default());
+        replayed.push(Replayed {
+            message_id: id.unwrap_or_default(),
+        });
     }
     channel.close(200, "replayed".into()).await.ok();
     connection.close(200, "done".into()).await.ok();
-    let missing: Vec<&String> = ids.iter().filter(|id| !replayed.contains(id)).collect();
-    output.print(&replayed, |replayed| {
-        format!(
-            "replayed {} request(s) to {}",
-            replayed.len(),
-            connections.queue
-        )
+    let missing: Vec<&String> = ids
+        .iter()
+        .filter(|id| !replayed.iter().any(|r| &r.message_id == *id))
+        .collect();
+    output.print_rows(&replayed, |replayed| {
+        format!("replayed {} request(s) to {queue}", replayed.len())
     });
     if !missing.is_empty() {
         eprintln!(
@@ -111,13 +109,14 @@ pub async fn replay(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The names, from their one owner; the delivery limit plays no part here.
-fn topology(connections: &Connections) -> Topology {
-    Topology::new(connections, crate::settings::DEFAULT_DELIVERY_LIMIT)
+/// A request put back in the request queue.
+#[derive(Debug, Serialize)]
+struct Replayed {
+    message_id: String,
 }
 
-async fn open(connections: &Connections) -> anyhow::Result<(Connection, Channel)> {
-    let connection = broker::connect(connections, "qty-worker dead-letters").await?;
+async fn open(broker_args: &BrokerArgs) -> anyhow::Result<(Connection, Channel)> {
+    let connection = broker::connect(broker_args, "qty-worker dead-letters").await?;
     let channel = connection.create_channel().await?;
     Ok((connection, channel))
 }

@@ -1,20 +1,20 @@
 //! `qty-worker ledger ITEM`: an item's adjustment history, newest first.
 
 use super::{Output, database};
-use crate::settings::Connections;
+use crate::settings::DatabaseArgs;
 use crate::store;
 use std::process::ExitCode;
 use uuid::Uuid;
 
 pub async fn run(
-    connections: &Connections,
+    database_args: &DatabaseArgs,
     item: Uuid,
     limit: i64,
     output: Output,
 ) -> anyhow::Result<ExitCode> {
-    let pool = database(connections).await?;
+    let pool = database(database_args).await?;
     let entries = store::item_history(&pool, item, limit).await?;
-    output.print(&entries, |entries| {
+    output.print_rows(&entries, |entries| {
         let mut text = format!(
             "{:<30}  {:<36}  {:>8}  {:<9}  {:<18}  {:>10}",
             "recorded_at", "message_id", "delta", "outcome", "reason", "qty_after"

@@ -9,7 +9,7 @@ pub mod dead_letters;
 pub mod item;
 pub mod ledger;
 
-use crate::settings::Connections;
+use crate::settings::{Connections, DatabaseArgs};
 use crate::store;
 use serde::Serialize;
 use sqlx::PgPool;
@@ -33,6 +33,19 @@ impl Output {
             Output::Json
         } else {
             Output::Human
+        }
+    }
+
+    /// Prints rows as JSON lines (one object per line, for `jq` and streaming),
+    /// or as `human` renders them all.
+    pub fn print_rows<T: Serialize>(self, rows: &[T], human: impl FnOnce(&[T]) -> String) {
+        match self {
+            Output::Json => {
+                for row in rows {
+                    emit(&serde_json::to_string(row).expect("serializable output"));
+                }
+            }
+            Output::Human => emit(&human(rows)),
         }
     }
 
@@ -71,13 +84,13 @@ pub fn emit(line: &str) {
 
 /// Opens the existing, migrated database: only `run` and `migrate` create or
 /// migrate one, so a typo in `DATABASE_URL` never leaves a new database behind.
-async fn database(connections: &Connections) -> anyhow::Result<PgPool> {
-    store::open_existing(&connections.database_url).await
+async fn database(database: &DatabaseArgs) -> anyhow::Result<PgPool> {
+    store::open_existing(&database.database_url).await
 }
 
 /// Creates the database if it is missing and applies the migrations.
-pub async fn migrate(connections: &Connections) -> anyhow::Result<ExitCode> {
-    store::open_prepared(&connections.database_url, 2).await?;
+pub async fn migrate(database: &DatabaseArgs) -> anyhow::Result<ExitCode> {
+    store::open_prepared(&database.database_url, 2).await?;
     eprintln!("database is migrated");
     Ok(ExitCode::SUCCESS)
 }

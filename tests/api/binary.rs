@@ -16,6 +16,13 @@ fn qty_worker(names: &Names) -> Command {
     command
 }
 
+/// The JSON lines a command printed: one object per line.
+fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect()
+}
+
 fn run_to_end(command: &mut Command) -> (i32, String, String) {
     let output = command.output().expect("run qty-worker");
     (
@@ -214,7 +221,7 @@ async fn ledger_and_item_list_show_what_happened_as_json() {
     let (code, out, err) =
         run_to_end(qty_worker(&app.names).args(["ledger", &item.to_string(), "--json"]));
     assert_eq!(code, 0, "{err}");
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("ledger JSON");
+    let rows = json_lines(&out);
     let mut outcomes: Vec<(String, String)> = rows
         .iter()
         .map(|r| {
@@ -230,7 +237,7 @@ async fn ledger_and_item_list_show_what_happened_as_json() {
 
     let (code, out, _) = run_to_end(qty_worker(&app.names).args(["item", "list", "--json"]));
     assert_eq!(code, 0);
-    let items: Vec<serde_json::Value> = serde_json::from_str(&out).expect("items JSON");
+    let items = json_lines(&out);
     assert_eq!(items, [serde_json::json!({"id": item, "qty": 1})]);
 }
 
@@ -261,7 +268,7 @@ async fn dead_letters_can_be_listed_and_replayed_into_the_queue() {
     let (code, out, err) =
         run_to_end(qty_worker(&app.names).args(["dead-letters", "list", "--json"]));
     assert_eq!(code, 0, "{err}");
-    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).expect("list JSON");
+    let listed = json_lines(&out);
     let mut ids: Vec<&str> = listed
         .iter()
         .filter_map(|l| l["message_id"].as_str())
@@ -285,7 +292,7 @@ async fn dead_letters_can_be_listed_and_replayed_into_the_queue() {
     let (code, out, _) =
         run_to_end(qty_worker(&app.names).args(["dead-letters", "list", "--json"]));
     assert_eq!(code, 0);
-    let left: Vec<serde_json::Value> = serde_json::from_str(&out).expect("list JSON");
+    let left = json_lines(&out);
     assert_eq!(left.len(), 1, "{out}");
     let (code, _, _) = run_to_end(qty_worker(&app.names).args(["dead-letters", "replay", "--all"]));
     assert_eq!(code, 0);
@@ -334,4 +341,63 @@ async fn a_setting_that_can_never_work_exits_2_with_one_line_naming_it() {
         assert_eq!(line["fields"]["setting"], setting, "{err}");
         assert!(!err.contains("secret"), "the password leaked: {err}");
     }
+}
+
+#[tokio::test]
+async fn operator_commands_refuse_a_database_that_does_not_exist_and_create_none() {
+    let names = Names::random();
+    for args in [
+        vec!["item".to_owned(), "list".to_owned()],
+        vec![
+            "item".to_owned(),
+            "show".to_owned(),
+            uuid::Uuid::new_v4().to_string(),
+        ],
+        vec!["ledger".to_owned(), uuid::Uuid::new_v4().to_string()],
+    ] {
+        let (code, _, err) = run_to_end(qty_worker(&names).args(&args));
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains("check DATABASE_URL"), "{err}");
+        assert_eq!(err.lines().count(), 1, "one line, the cause once: {err}");
+    }
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", names.postgres))
+        .await
+        .expect("admin");
+    let created: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+            .bind(&names.database)
+            .fetch_one(&admin)
+            .await
+            .expect("look the database up");
+    assert!(!created, "an operator command created {}", names.database);
+}
+
+#[tokio::test]
+async fn output_piped_into_a_reader_that_stops_early_ends_quietly() {
+    use std::io::Read as _;
+    let app = TestApp::spawn().await;
+    // More than a pipe holds, so the command is still writing when the reader goes.
+    sqlx::query(
+        "insert into items (id, qty) select gen_random_uuid(), 1 from generate_series(1, 3000)",
+    )
+    .execute(&app.pool)
+    .await
+    .expect("items");
+    let mut child = qty_worker(&app.names)
+        .args(["item", "list", "--limit", "3000", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut first = [0_u8; 600];
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_exact(&mut first)
+        .expect("the first bytes");
+    let output = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{err}");
+    assert!(err.is_empty(), "{err}");
 }

@@ -9,7 +9,9 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
-use qty_worker::settings::{Connections, Settings, WorkerSettings};
+use qty_worker::settings::{
+    BrokerArgs, Connections, DatabaseArgs, ExchangeArg, QueueArg, Settings, WorkerSettings,
+};
 use serde_json::Value;
 use sqlx::{Connection as _, PgConnection, PgPool};
 use std::net::SocketAddr;
@@ -74,11 +76,19 @@ impl Names {
     pub fn settings(&self) -> Settings {
         Settings {
             connections: Connections {
-                amqp_url: self.amqp_url.clone(),
-                amqp_ca_file: None,
-                database_url: self.database_url(),
-                exchange: self.exchange.clone(),
-                queue: self.queue.clone(),
+                broker: BrokerArgs {
+                    amqp_url: self.amqp_url.clone(),
+                    amqp_ca_file: None,
+                },
+                database: DatabaseArgs {
+                    database_url: self.database_url(),
+                },
+                exchange: ExchangeArg {
+                    exchange: self.exchange.clone(),
+                },
+                queue: QueueArg {
+                    queue: self.queue.clone(),
+                },
             },
             worker: WorkerSettings {
                 prefetch: 32,

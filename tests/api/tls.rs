@@ -259,8 +259,8 @@ async fn the_worker_consumes_over_amqps_trusting_a_private_ca() {
     let mut names = crate::helpers::Names::random();
     names.amqp_url = broker.node.urls();
     let mut app = crate::helpers::TestApp::spawn_on(names, |settings| {
-        settings.connections.amqp_url = amqps.clone();
-        settings.connections.amqp_ca_file = Some(ca.clone());
+        settings.connections.broker.amqp_url = amqps.clone();
+        settings.connections.broker.amqp_ca_file = Some(ca.clone());
     })
     .await;
     let item = app.create_item(2).await;
