@@ -1,6 +1,9 @@
-"""A plain Python worker with the same guarantees, as the baseline a user would
-otherwise write: pika + psycopg, prefetch 100, one transaction per message
-(ledger insert + guarded update), reply published with a confirm, then ack.
+"""A plain Python worker, as the baseline a user would otherwise write: pika +
+psycopg, prefetch 100, one transaction per message (ledger insert + guarded
+update), reply published with a confirm, then ack. It does the same durable work
+per message as qty-worker, but it is not a full implementation of the contract:
+a duplicate gets a fresh "rejected" reply instead of the stored one, and a
+missing item is "rejected" instead of "not_found". For throughput only.
 
     python3 bench/python_worker.py   # reads AMQP_URL, DATABASE_URL, QTY_QUEUE, QTY_EXCHANGE
 """
