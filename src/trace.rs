@@ -159,7 +159,18 @@ mod tests {
     }
 
     #[test]
-    fn new_span_ids_are_never_zero() {
-        assert!((0..100).all(|_| new_span_id() != [0; 8]));
+    fn new_span_ids_make_valid_distinct_children() {
+        // A receiver drops a traceparent whose span id is zero or malformed, and
+        // two spans sharing an id would merge in a trace view.
+        let parent = TraceParent::parse(SAMPLE).expect("valid traceparent");
+        let children: std::collections::HashSet<String> = (0..1_000)
+            .map(|_| {
+                let child = parent.child(new_span_id()).to_string();
+                let parsed = TraceParent::parse(&child).expect("a valid child header");
+                assert_eq!(parsed.trace_id_hex(), parent.trace_id_hex());
+                child
+            })
+            .collect();
+        assert_eq!(children.len(), 1_000, "span ids repeat");
     }
 }

@@ -12,7 +12,7 @@ pub async fn open_existing(url: &str) -> anyhow::Result<PgPool> {
     let target = Target::parse(url)?;
     let connection = target.locate(None).await.map_err(|error| {
         anyhow::anyhow!(
-            "cannot open the database at {}: {} (check DATABASE_URL; `qty-worker migrate` creates a new one)",
+            "cannot open the database {}: {} (check DATABASE_URL; `qty-worker migrate` creates a new one)",
             target.shown,
             error.0
         )

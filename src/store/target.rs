@@ -44,7 +44,7 @@ impl SessionAttrs {
 
 /// Why no host could be used.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot reach PostgreSQL: {0}")]
+#[error("no PostgreSQL host is usable: {0}")]
 pub struct NoHost(pub String);
 
 /// The parsed `DATABASE_URL`: its hosts in order and the attribute to keep.

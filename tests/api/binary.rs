@@ -2,7 +2,6 @@
 
 use crate::helpers::{AMQP_URL, Names, TestApp, WAIT};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 fn qty_worker(names: &Names) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_qty-worker"));
@@ -180,17 +179,16 @@ async fn sigterm_finishes_in_flight_work_and_exits_zero_with_nothing_unacked() {
     let mut answered = app.replies(20).await.len();
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("send SIGTERM");
 
-    let deadline = std::time::Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("poll child") {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the worker did not exit within {WAIT:?} of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let running = std::sync::Mutex::new(&mut child);
+    let status = crate::helpers::eventually("the worker to exit after SIGTERM", WAIT, || async {
+        let exited = running
+            .lock()
+            .expect("child")
+            .try_wait()
+            .expect("poll child");
+        exited.ok_or("still running")
+    })
+    .await;
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr).ok();
     assert_eq!(status.code(), Some(0), "exit status; log:\n{stderr}");

@@ -9,6 +9,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+pub use qty_test_support::eventually;
 use qty_worker::settings::{
     BrokerArgs, Connections, DatabaseArgs, ExchangeArg, QueueArg, Settings, WorkerSettings,
 };
@@ -192,14 +193,13 @@ impl RunningWorker {
     /// Waits until `/readyz` says the worker is consuming, so requests published
     /// from now on find the topology declared.
     pub async fn wait_until_ready(&self) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while http_get(self.http_addr, "/readyz").await.0 != 200 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the worker was not ready within {WAIT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually("the worker to be ready", WAIT, || async {
+            match http_get(self.http_addr, "/readyz").await {
+                (200, _) => Ok(()),
+                (status, body) => Err(format!("{status}: {body}")),
+            }
+        })
+        .await;
     }
 
     /// Asks the worker to stop and waits for it; returns what `run_until_stopped` returned.
@@ -431,18 +431,13 @@ impl TestApp {
 
     /// Waits until the request queue has no messages ready.
     pub async fn wait_until_queue_drained(&self) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let depth = self.queue_depth().await;
-            if depth == 0 {
-                return;
+        eventually("the request queue to be drained", WAIT, || async {
+            match self.queue_depth().await {
+                0 => Ok(()),
+                depth => Err(format!("{depth} messages ready")),
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the request queue still holds {depth} messages after {WAIT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
     }
 
     pub async fn wait_until_ready(&self) {

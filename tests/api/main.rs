@@ -11,6 +11,7 @@ mod locks;
 #[cfg(feature = "otlp")]
 mod otlp;
 mod outcomes;
+mod publishers;
 mod replies;
 mod tls;
 mod topology;

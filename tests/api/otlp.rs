@@ -3,7 +3,6 @@
 
 use crate::helpers::{AMQP_URL, TestApp, WAIT};
 use lapin::types::{AMQPValue, FieldTable};
-use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 
@@ -124,12 +123,10 @@ async fn the_delivery_span_is_exported_in_the_callers_trace() {
         Ok(true),
         "no exported span with trace {trace_id} and span {our_span_id}"
     );
-    let deadline = std::time::Instant::now() + WAIT;
-    while child.try_wait().expect("poll").is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the worker did not stop"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let running = std::sync::Mutex::new(&mut child);
+    crate::helpers::eventually("the worker to stop", WAIT, || async {
+        let exited = running.lock().expect("child").try_wait().expect("poll");
+        exited.ok_or("still running")
+    })
+    .await;
 }

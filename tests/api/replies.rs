@@ -135,7 +135,7 @@ async fn a_request_published_straight_to_the_queue_is_handled() {
 }
 
 /// Publishes `k-slow` for `slow_item` while the returned transaction holds that
-/// item's row lock, and returns once `k-slow` waits on it in the database.
+/// item's row lock, and returns once the worker found it locked and set it aside.
 async fn publish_behind_a_row_lock(
     app: &TestApp,
     slow_item: Uuid,
@@ -151,25 +151,20 @@ async fn publish_behind_a_row_lock(
         .expect("lock row");
 
     app.adjust("k-slow", slow_item, -1).await;
-    // Only once its transaction waits on the lock are other requests sent, so
-    // they cannot share its batch (a batch takes its row locks up front).
-    let deadline = tokio::time::Instant::now() + crate::helpers::WAIT;
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'",
-        )
-        .fetch_one(&app.pool)
-        .await
-        .expect("read pg_stat_activity");
-        if waiting > 0 {
-            return lock;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "k-slow never waited on the row lock"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    // Only once it found the row locked and was set aside are other requests
+    // sent, so they cannot share its batch.
+    crate::helpers::eventually(
+        "k-slow to find the row locked",
+        crate::helpers::WAIT,
+        || async {
+            let metrics = app.get("/metrics").await.1;
+            (!metrics.contains("qty_worker_lock_waits_timed_out_total 0"))
+                .then_some(())
+                .ok_or("not set aside yet")
+        },
+    )
+    .await;
+    lock
 }
 
 #[tokio::test]
@@ -278,18 +273,14 @@ async fn a_reply_channel_closed_by_the_broker_makes_the_worker_reconnect_and_ans
     let body = format!(r#"{{"item_id":"{item}","delta":-1}}"#);
     publish(&app.channel, "", &app.names.queue, props, body.as_bytes()).await;
 
-    let deadline = tokio::time::Instant::now() + crate::helpers::WAIT;
-    loop {
+    crate::helpers::eventually("the worker to reconnect", crate::helpers::WAIT, || async {
         let metrics = app.get("/metrics").await.1;
-        if metrics.contains(r#"qty_worker_reconnects_total{dependency="broker"} 1"#) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the worker never reconnected:\n{metrics}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+        metrics
+            .contains(r#"qty_worker_reconnects_total{dependency="broker"} 1"#)
+            .then_some(())
+            .ok_or(metrics)
+    })
+    .await;
     app.wait_until_ready().await;
     app.channel
         .exchange_declare(

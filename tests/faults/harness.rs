@@ -3,7 +3,7 @@
 //! Shared by the fault tests and by `examples/chaos.rs`; the publisher and the
 //! invariant check have modules of their own.
 
-use crate::helpers::{Names, WAIT, connect_any, http_get};
+use crate::helpers::{Names, WAIT, connect_any, eventually, http_get};
 pub use crate::invariants::Verdicts;
 pub use crate::publisher::{Sent, publish_through_faults};
 pub use crate::servers::{Own, Servers};
@@ -151,31 +151,30 @@ impl Scenario {
 
     /// Waits until worker `index` answers /readyz with 200.
     pub async fn wait_ready(&mut self, index: usize) {
-        let deadline = Instant::now() + WAIT * 2;
-        loop {
-            if self.readyz(index).await == Some(200) {
-                return;
+        let addr = self.http_addr(index);
+        let worker = &mut self.workers[index];
+        let what = format!("worker {index} to be ready (its log: {:?})", worker.log);
+        let (child, log) = (std::sync::Mutex::new(&mut worker.child), &worker.log);
+        eventually(&what, WAIT * 2, || async {
+            let exited = child
+                .lock()
+                .expect("child")
+                .try_wait()
+                .expect("poll worker");
+            if let Some(status) = exited {
+                panic!("worker {index} exited ({status}) before it was ready; see {log:?}");
             }
-            if let Some(status) = self.workers[index].child.try_wait().expect("poll worker") {
-                panic!(
-                    "worker {index} exited ({status}) before it was ready; see {:?}",
-                    self.workers[index].log
-                );
+            match readyz_at(addr).await {
+                Some((200, _)) => Ok(()),
+                other => Err(other),
             }
-            assert!(
-                Instant::now() < deadline,
-                "worker {index} not ready in time; see {:?}",
-                self.workers[index].log
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
     }
 
     /// Worker `index`'s /readyz status and body, or None while it does not answer.
     pub async fn readyz_body(&self, index: usize) -> Option<(u16, String)> {
-        let addr = self.http_addr(index);
-        tokio::net::TcpStream::connect(addr).await.ok()?;
-        Some(http_get(addr, "/readyz").await)
+        readyz_at(self.http_addr(index)).await
     }
 
     /// Worker `index`'s /metrics text.
@@ -202,18 +201,6 @@ impl Scenario {
             .as_ref()
             .expect("the scenario has its own RabbitMQ")
             .node(index)
-    }
-
-    /// Worker `index`'s /readyz status, or None while it does not answer.
-    pub async fn readyz(&self, index: usize) -> Option<u16> {
-        let addr = format!("127.0.0.1:{}", self.workers[index].http_port)
-            .parse()
-            .expect("address");
-        let connect = tokio::net::TcpStream::connect(addr).await;
-        match connect {
-            Ok(_) => Some(http_get(addr, "/readyz").await.0),
-            Err(_) => None,
-        }
     }
 
     /// Declares the scenario's reply queue: a quorum queue, so that in a cluster
@@ -306,18 +293,13 @@ impl Scenario {
 
     /// Waits until the ledger holds at least `count` rows.
     pub async fn wait_recorded(&self, count: usize, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            let now = self.recorded().await;
-            if now >= count {
-                return;
+        eventually(&format!("{count} requests recorded"), within, || async {
+            match self.recorded().await {
+                now if now >= count => Ok(()),
+                now => Err(format!("{now} recorded")),
             }
-            assert!(
-                Instant::now() < deadline,
-                "only {now} of {count} requests recorded within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
     }
 
     /// SIGKILLs worker `index`.
@@ -410,6 +392,12 @@ async fn terminate(child: &mut Child, index: usize, log: &PathBuf, violations: &
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `/readyz`'s status and body at `addr`, or None while nothing answers there.
+async fn readyz_at(addr: std::net::SocketAddr) -> Option<(u16, String)> {
+    tokio::net::TcpStream::connect(addr).await.ok()?;
+    Some(http_get(addr, "/readyz").await)
 }
 
 /// The worker binary: cargo names it for tests; an example finds it beside itself.

@@ -83,6 +83,8 @@ impl Postgres {
                 "-R",
                 "-X",
                 "stream",
+                // A fast checkpoint: a spread one can take minutes on a busy primary.
+                "--checkpoint=fast",
                 "-p",
             ])
             .arg(primary.port.to_string())
