@@ -122,14 +122,7 @@ pub struct LedgerArgs {
 #[derive(Debug, Subcommand)]
 pub enum DeadLettersCommand {
     /// Show what is in `<queue>.dead` (the messages stay there).
-    List {
-        #[command(flatten)]
-        json: JsonArg,
-        #[command(flatten)]
-        broker: BrokerArgs,
-        #[command(flatten)]
-        queue: QueueArg,
-    },
+    List(DeadLetterArgs),
     /// Move dead-lettered requests back to the request queue.
     Replay {
         /// The message ids to replay.
@@ -139,12 +132,19 @@ pub enum DeadLettersCommand {
         #[arg(long, conflicts_with = "message_ids")]
         all: bool,
         #[command(flatten)]
-        json: JsonArg,
-        #[command(flatten)]
-        broker: BrokerArgs,
-        #[command(flatten)]
-        queue: QueueArg,
+        dead_letters: DeadLetterArgs,
     },
+}
+
+/// What both dead-letter commands take: where the queue is, how to print.
+#[derive(Debug, Args)]
+pub struct DeadLetterArgs {
+    #[command(flatten)]
+    pub json: JsonArg,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub queue: QueueArg,
 }
 
 #[derive(Debug, Args)]

@@ -37,20 +37,17 @@ async fn main() -> ExitCode {
             let output = Output::choose(args.json.json);
             ledger::run(&args.database, args.item_id, args.limit, output).await
         }
-        Command::DeadLetters(DeadLettersCommand::List {
-            json,
-            broker,
-            queue,
-        }) => dead_letters::list(&broker, &queue.queue, Output::choose(json.json)).await,
+        Command::DeadLetters(DeadLettersCommand::List(dead)) => {
+            let output = Output::choose(dead.json.json);
+            dead_letters::list(&dead.broker, &dead.queue.queue, output).await
+        }
         Command::DeadLetters(DeadLettersCommand::Replay {
             message_ids,
             all,
-            json,
-            broker,
-            queue,
+            dead_letters: dead,
         }) => {
-            let output = Output::choose(json.json);
-            dead_letters::replay(&broker, &queue.queue, all, &message_ids, output).await
+            let output = Output::choose(dead.json.json);
+            dead_letters::replay(&dead.broker, &dead.queue.queue, all, &message_ids, output).await
         }
         Command::Adjust(args) => {
             let output = Output::choose(args.json.json);

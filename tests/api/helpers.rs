@@ -429,6 +429,29 @@ impl TestApp {
             .message_count()
     }
 
+    /// Whether the test's exchange exists, asked on a channel of its own (a
+    /// passive declare of a missing exchange closes its channel).
+    pub async fn exchange_exists(&self) -> Result<(), String> {
+        let probe = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| e.to_string())?;
+        let found = probe
+            .exchange_declare(
+                self.names.exchange.as_str().into(),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        probe.close(200, "probe".into()).await.ok();
+        found.map_err(|e| e.to_string())
+    }
+
     /// Waits until the request queue has no messages ready.
     pub async fn wait_until_queue_drained(&self) {
         eventually("the request queue to be drained", WAIT, || async {

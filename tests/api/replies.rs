@@ -282,16 +282,7 @@ async fn a_reply_channel_closed_by_the_broker_makes_the_worker_reconnect_and_ans
     })
     .await;
     app.wait_until_ready().await;
-    app.channel
-        .exchange_declare(
-            app.names.exchange.as_str().into(),
-            lapin::ExchangeKind::Topic,
-            lapin::options::ExchangeDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
+    app.exchange_exists()
         .await
         .expect("the worker declared the exchange again");
     let mut app = app;

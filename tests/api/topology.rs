@@ -22,26 +22,10 @@ async fn an_exchange_deleted_while_replies_go_to_reply_to_is_declared_again() {
         )
         .await
         .expect("delete the exchange");
-    let channel = &app.connection;
     eventually(
         "the exchange to be declared again",
         Duration::from_secs(15),
-        || async {
-            let probe = channel.create_channel().await.map_err(|e| e.to_string())?;
-            let found = probe
-                .exchange_declare(
-                    app.names.exchange.as_str().into(),
-                    lapin::ExchangeKind::Topic,
-                    lapin::options::ExchangeDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            probe.close(200, "probe".into()).await.ok();
-            found.map_err(|e| e.to_string())
-        },
+        || app.exchange_exists(),
     )
     .await;
     // Published through the exchange again, with the request binding in place.
