@@ -8,7 +8,9 @@ use crate::store::{self, Answer, StoreError};
 use std::time::Duration;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Short, so a database back from a restart or failover is used within a
+/// second; the warnings thin out instead (see `worth_logging`).
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Runs `qty_adjust` on `requests` until it passes or fails for good. While the
 /// database refuses writes or cannot be reached, the next host of `DATABASE_URL`
@@ -20,7 +22,9 @@ pub(super) async fn adjust(
 ) -> Result<Vec<Answer>, StoreError> {
     let mut backoff = FIRST_BACKOFF;
     let mut failed = false;
+    let mut attempt: u32 = 0;
     loop {
+        attempt += 1;
         match store::adjust(&shared.db, requests, lock_wait).await {
             Ok(answers) => {
                 shared.health.database_writable();
@@ -37,10 +41,14 @@ pub(super) async fn adjust(
                     StoreError::Unavailable(_) => shared.health.database_down(),
                     _ => {}
                 }
-                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "database unavailable; retrying");
+                let log = worth_logging(attempt);
+                if log {
+                    tracing::warn!(%error, attempt, retry_in_ms = backoff.as_millis() as u64, "database unavailable; retrying");
+                }
                 tokio::time::sleep(backoff).await;
                 if error.spoils_connection()
                     && let Err(none) = shared.db.relocate().await
+                    && log
                 {
                     tracing::warn!(error = %none, "no database host accepts writes yet");
                 }
@@ -49,4 +57,10 @@ pub(super) async fn adjust(
             Err(permanent) => return Err(permanent),
         }
     }
+}
+
+/// Attempts 1, 2, 4, 8, …: an outage of a minute logs about seven lines per
+/// lane, not sixty.
+fn worth_logging(attempt: u32) -> bool {
+    attempt.is_power_of_two()
 }
