@@ -1,5 +1,5 @@
 //! Stage 2 of the flow: turn a delivery's properties and body into a [`Request`],
-//! or into an [`Invalid`] naming exactly what broke the contract (section 2).
+//! or into an [`Invalid`] naming exactly what broke the contract (§2).
 //!
 //! Pure: no broker or database types, so every rejection is unit-tested over
 //! fixtures. Decoding never stops at serde's first complaint about a member:
@@ -56,7 +56,7 @@ pub struct Invalid {
     pub delta: Option<i64>,
 }
 
-/// Every way a request can break section 2 of the contract. The `Display` text is
+/// Every way a request can break §2 of the contract. The `Display` text is
 /// the reply's `error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {

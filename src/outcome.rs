@@ -1,6 +1,6 @@
 //! The one outcome type that drives everything after the database: the reply body,
 //! its routing key and `type`, the metrics labels and the log line all come from
-//! [`Verdict`], so no second place re-derives them (contract section 4).
+//! [`Verdict`], so no second place re-derives them (contract §4).
 
 use crate::decode::{Invalid, Request};
 use serde::Serialize;
@@ -20,7 +20,7 @@ pub enum Outcome {
 /// Why a request was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {
-    /// The request broke section 2 of the contract; the text says how.
+    /// The request broke §2 of the contract; the text says how.
     InvalidMessage(String),
     InsufficientQty,
     QtyOutOfRange,

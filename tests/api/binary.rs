@@ -110,6 +110,29 @@ fn scopeguard(names: Names) -> Cleanup {
 }
 
 #[tokio::test]
+async fn every_metric_family_is_exposed_before_the_first_event() {
+    let app = TestApp::spawn().await;
+    let (_, metrics) = app.get("/metrics").await;
+    for line in [
+        r#"qty_worker_dependency_errors_total{dependency="database"} 0"#,
+        r#"qty_worker_dependency_errors_total{dependency="broker"} 0"#,
+        r#"qty_worker_reconnects_total{dependency="database"} 0"#,
+        r#"qty_worker_reconnects_total{dependency="broker"} 0"#,
+        r#"qty_worker_adjustments_total{outcome="not_found",reason=""} 0"#,
+        r#"qty_worker_adjustments_total{outcome="rejected",reason="invalid_message"} 0"#,
+        r#"qty_worker_adjustments_total{outcome="rejected",reason="idempotency_conflict"} 0"#,
+        "qty_worker_replies_unroutable_total 0",
+        "qty_worker_lock_waits_timed_out_total 0",
+        "qty_worker_requests_set_aside 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line:?} in\n{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn metrics_count_adjustments_by_outcome_and_reason_and_health_answers() {
     let mut app = TestApp::spawn().await;
     // Separate items, so the outcomes do not depend on which runs first.

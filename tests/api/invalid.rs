@@ -1,4 +1,4 @@
-//! Requests that break contract section 2, sent through the broker: each is
+//! Requests that break contract §2, sent through the broker: each is
 //! answered `rejected` / `invalid_message` with a specific error, acked, and never
 //! recorded in the ledger.
 

@@ -1,4 +1,4 @@
-//! The idempotency ledger (contract section 3): one effect per message_id, the
+//! The idempotency ledger (contract §3): one effect per message_id, the
 //! stored reply replayed, conflicts refused, concurrency and the hot item.
 
 use crate::helpers::TestApp;

@@ -1,4 +1,4 @@
-//! Each outcome of contract section 4, and what it does to the item.
+//! Each outcome of contract §4, and what it does to the item.
 
 use crate::helpers::TestApp;
 use uuid::Uuid;

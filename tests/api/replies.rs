@@ -1,4 +1,4 @@
-//! Where replies go and what they carry (contract section 4), and the flow around
+//! Where replies go and what they carry (contract §4), and the flow around
 //! them: several deliveries in flight, requests straight to the queue.
 
 use crate::helpers::{TestApp, listen, next_reply, publish};
