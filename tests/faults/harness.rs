@@ -141,6 +141,16 @@ impl Scenario {
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("spawn qty-worker");
+        // A worker outlives a test process killed before its Drop ran (Ctrl-C);
+        // this ends it then, if that pid is still this binary.
+        qty_test_support::on_exit(&format!(
+            "[ \"$(readlink /proc/{pid}/exe)\" = {binary:?} ] && kill -9 {pid}",
+            pid = child.id(),
+            binary = std::fs::canonicalize(worker_binary())
+                .unwrap_or_else(|_| worker_binary())
+                .display()
+                .to_string(),
+        ));
         self.workers.push(WorkerProcess {
             child,
             http_port,

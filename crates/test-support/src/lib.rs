@@ -17,6 +17,8 @@ pub mod proxy;
 pub mod rabbitmq;
 mod watchdog;
 
+pub use watchdog::guard as on_exit;
+
 pub use eventually::eventually;
 
 /// Whether this machine has the server binaries the throwaway servers need. Suites

@@ -4,7 +4,8 @@
 
 use std::process::{Command, Stdio};
 
-/// Starts the watchdog for `cleanup`, a shell script that must be safe to run twice.
+/// Runs `cleanup`, a shell script that must be safe to run twice, once the test
+/// process has ended, however it ended.
 pub fn guard(cleanup: &str) {
     let script = format!(
         "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {cleanup}",
