@@ -1,5 +1,5 @@
 use clap::Parser as _;
-use qty_worker::cli::{Cli, Command, DeadLettersCommand, ItemCommand};
+use qty_worker::cli::{Cli, Command, DeadLettersCommand};
 use qty_worker::commands::{Output, adjust, dead_letters, item, ledger};
 use qty_worker::settings::{LogFormat, SettingError, Settings};
 use qty_worker::{commands, telemetry};
@@ -79,13 +79,7 @@ fn logging(command: &Command) -> (Option<LogFormat>, Option<String>, &'static st
     match command {
         Command::Run(run) => (run.logs.log_format, run.otlp_endpoint.clone(), "info"),
         Command::Migrate(migrate) => (migrate.logs.log_format, None, "info"),
-        Command::Item(
-            ItemCommand::Create { .. } | ItemCommand::Show { .. } | ItemCommand::List { .. },
-        )
-        | Command::Ledger(_)
-        | Command::DeadLetters(_)
-        | Command::Adjust(_)
-        | Command::Bench(_) => (None, None, "warn,lapin=off"),
+        _ => (None, None, "warn,lapin=off"),
     }
 }
 

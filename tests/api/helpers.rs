@@ -429,6 +429,17 @@ impl TestApp {
             .message_count()
     }
 
+    /// Deletes the test's exchange, as an operator might by mistake.
+    pub async fn delete_exchange(&self) {
+        self.channel
+            .exchange_delete(
+                self.names.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await
+            .expect("delete the exchange");
+    }
+
     /// Whether the test's exchange exists, asked on a channel of its own (a
     /// passive declare of a missing exchange closes its channel).
     pub async fn exchange_exists(&self) -> Result<(), String> {

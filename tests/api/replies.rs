@@ -258,17 +258,10 @@ async fn a_traceparent_on_the_request_goes_on_with_the_reply_in_the_same_trace()
 
 #[tokio::test]
 async fn a_reply_channel_closed_by_the_broker_makes_the_worker_reconnect_and_answer() {
-    use lapin::options::ExchangeDeleteOptions;
     let app = TestApp::spawn().await;
     let item = app.create_item(3).await;
     // Events then have nowhere to go: publishing one closes the reply channel.
-    app.channel
-        .exchange_delete(
-            app.names.exchange.as_str().into(),
-            ExchangeDeleteOptions::default(),
-        )
-        .await
-        .expect("delete the exchange");
+    app.delete_exchange().await;
     let props = BasicProperties::default().with_message_id("k-lost-exchange".into());
     let body = format!(r#"{{"item_id":"{item}","delta":-1}}"#);
     publish(&app.channel, "", &app.names.queue, props, body.as_bytes()).await;

@@ -3,7 +3,7 @@
 //! declare refused for other arguments is reported as a configuration conflict.
 
 use crate::helpers::{Names, RunningWorker, TestApp, WAIT, connect_any, http_get};
-use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use qty_test_support::eventually;
 use std::time::Duration;
@@ -15,13 +15,7 @@ async fn an_exchange_deleted_while_replies_go_to_reply_to_is_declared_again() {
     app.adjust("before", item, -1).await;
     app.next_reply().await;
 
-    app.channel
-        .exchange_delete(
-            app.names.exchange.as_str().into(),
-            ExchangeDeleteOptions::default(),
-        )
-        .await
-        .expect("delete the exchange");
+    app.delete_exchange().await;
     eventually(
         "the exchange to be declared again",
         Duration::from_secs(15),
