@@ -201,6 +201,7 @@ async fn inject(s: &mut Scenario, links: &Links, live: &mut Vec<usize>, fault: F
             s.terminate_db_sessions().await;
         }
         Fault::CloseBrokerConnections => {
+            // The run's own cluster: the servers on the default ports are never touched.
             for node in 0..nodes {
                 s.rabbitmq_node(node).close_all_connections("chaos");
             }

@@ -53,18 +53,6 @@ impl Health {
         f(&mut state)
     }
 
-    pub fn database_writable(&self) {
-        self.set_database(DatabaseState::Writable);
-    }
-
-    pub fn database_read_only(&self) {
-        self.set_database(DatabaseState::ReadOnly);
-    }
-
-    pub fn database_down(&self) {
-        self.set_database(DatabaseState::Down);
-    }
-
     pub fn set_database(&self, state: DatabaseState) {
         self.with(|s| s.database = state);
     }
@@ -75,14 +63,6 @@ impl Health {
 
     pub fn set_broker(&self, state: BrokerState) {
         self.with(|s| s.broker = state);
-    }
-
-    pub fn broker(&self) -> BrokerState {
-        self.with(|s| s.broker.clone())
-    }
-
-    pub fn consuming(&self) -> bool {
-        self.broker() == BrokerState::Consuming
     }
 
     pub fn set_topology_missing(&self, what: Option<String>) {

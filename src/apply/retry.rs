@@ -4,6 +4,7 @@
 
 use super::Shared;
 use crate::decode::Request;
+use crate::health::DatabaseState;
 use crate::store::{self, Answer, StoreError};
 use std::time::Duration;
 
@@ -27,8 +28,10 @@ pub(super) async fn adjust(
         attempt += 1;
         match store::adjust(&shared.db, requests, lock_wait).await {
             Ok(answers) => {
-                shared.health.database_writable();
+                // Only after a failure: `/readyz` probes for itself, and the hot
+                // path need not take the health lock for every batch.
                 if failed {
+                    shared.health.set_database(DatabaseState::Writable);
                     shared.metrics.reconnected("database");
                 }
                 return Ok(answers);
@@ -37,8 +40,8 @@ pub(super) async fn adjust(
                 failed = true;
                 shared.metrics.dependency_error("database");
                 match &error {
-                    StoreError::ReadOnly(_) => shared.health.database_read_only(),
-                    StoreError::Unavailable(_) => shared.health.database_down(),
+                    StoreError::ReadOnly(_) => shared.health.set_database(DatabaseState::ReadOnly),
+                    StoreError::Unavailable(_) => shared.health.set_database(DatabaseState::Down),
                     _ => {}
                 }
                 let log = worth_logging(attempt);

@@ -429,6 +429,21 @@ impl TestApp {
             .message_count()
     }
 
+    /// Holds `item`'s row `FOR UPDATE` in a transaction of another session, as
+    /// an operator's would, until the returned transaction ends.
+    pub async fn lock_row(&self, item: Uuid) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let holder = PgPool::connect(&self.names.database_url())
+            .await
+            .expect("a session to hold the lock");
+        let mut lock = holder.begin().await.expect("begin");
+        sqlx::query("select 1 from items where id = $1 for update")
+            .bind(item)
+            .execute(&mut *lock)
+            .await
+            .expect("lock the row");
+        lock
+    }
+
     /// Deletes the test's exchange, as an operator might by mistake.
     pub async fn delete_exchange(&self) {
         self.channel

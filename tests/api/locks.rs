@@ -43,16 +43,7 @@ async fn a_row_locked_elsewhere_delays_only_its_own_requests_which_keep_their_or
 
     let unlocked_rate = steady_rate(&mut app, &others, "free", 500).await;
 
-    // Another session holds the item's row, as an operator's transaction would.
-    let holder = sqlx::PgPool::connect(&app.names.database_url())
-        .await
-        .expect("holder");
-    let mut lock = holder.begin().await.expect("begin");
-    sqlx::query("select 1 from items where id = $1 for update")
-        .bind(locked)
-        .execute(&mut *lock)
-        .await
-        .expect("lock the row");
+    let lock = app.lock_row(locked).await;
     // Requests for the locked item, interleaved with the others' traffic: the
     // first comes now, the rest between bursts.
     let mut to_locked = Vec::new();

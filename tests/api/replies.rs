@@ -140,15 +140,7 @@ async fn publish_behind_a_row_lock(
     app: &TestApp,
     slow_item: Uuid,
 ) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let blocker = sqlx::PgPool::connect(&app.names.database_url())
-        .await
-        .expect("blocker");
-    let mut lock = blocker.begin().await.expect("begin");
-    sqlx::query("select 1 from items where id = $1 for update")
-        .bind(slow_item)
-        .execute(&mut *lock)
-        .await
-        .expect("lock row");
+    let lock = app.lock_row(slow_item).await;
 
     app.adjust("k-slow", slow_item, -1).await;
     // Only once it found the row locked and was set aside are other requests

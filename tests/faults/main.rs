@@ -103,6 +103,7 @@ async fn the_broker_closing_every_connection_is_survived() {
     let publisher = s.spawn_publisher(s.plan(1_500, 3), 750);
     for round in 1..=2 {
         s.wait_recorded(400 * round, GENEROUS).await;
+        // The scenario's own node (Own::rabbitmq): the shared one is never touched.
         s.rabbitmq_node(0).close_all_connections("fault test");
     }
     publisher.await.expect("publisher");

@@ -145,40 +145,37 @@ impl Postgres {
         .to_owned()
     }
 
-    /// Stops the server at once, as a crash would.
-    pub fn stop_immediately(&self) {
-        run(as_postgres("pg_ctl")
+    /// `pg_ctl` on this server's data directory, logging to its `server.log`.
+    fn pg_ctl(&self) -> Command {
+        let mut command = as_postgres("pg_ctl");
+        command
             .arg("-D")
             .arg(&self.data)
-            .args(["stop", "-m", "immediate"]));
+            .arg("-l")
+            .arg(self.root.join("server.log"));
+        command
+    }
+
+    /// Stops the server at once, as a crash would.
+    pub fn stop_immediately(&self) {
+        run(self.pg_ctl().args(["stop", "-m", "immediate"]));
     }
 
     /// Starts a stopped server and waits until it accepts connections.
     pub fn start_again(&self) {
-        run(as_postgres("pg_ctl")
-            .arg("-D")
-            .arg(&self.data)
-            .arg("-l")
-            .arg(self.root.join("server.log"))
-            .args(["-w", "-t", "120", "start"]));
+        run(self.pg_ctl().args(["-w", "-t", "120", "start"]));
     }
 
     /// A fast restart: sessions are cut, the server comes back at once.
     pub fn restart(&self) {
-        run(as_postgres("pg_ctl")
-            .arg("-D")
-            .arg(&self.data)
-            .arg("-l")
-            .arg(self.root.join("server.log"))
+        run(self
+            .pg_ctl()
             .args(["-w", "-t", "120", "-m", "fast", "restart"]));
     }
 
     /// Promotes a standby to primary and waits until it accepts writes.
     pub fn promote(&self) {
-        run(as_postgres("pg_ctl")
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-w", "-t", "120", "promote"]));
+        run(self.pg_ctl().args(["-w", "-t", "120", "promote"]));
     }
 
     /// Rebuilds this (stopped, failed) server as a standby of `primary`, on the
@@ -194,11 +191,7 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(bin("pg_ctl"))
-            .arg("-D")
-            .arg(&self.data)
+        self.pg_ctl()
             .args(["stop", "-m", "immediate"])
             .output()
             .ok();
