@@ -11,22 +11,8 @@
 //! 3-node RabbitMQ cluster. The workers reach every host and node through a TCP
 //! proxy of the harness's, so links can be cut and stalled.
 
-#[path = "../tests/faults/harness.rs"]
-#[allow(dead_code)]
-mod harness;
-#[path = "../tests/api/helpers.rs"]
-#[allow(dead_code)]
-mod helpers;
-#[path = "../tests/faults/invariants.rs"]
-mod invariants;
-#[path = "../tests/faults/publisher.rs"]
-mod publisher;
-#[path = "../tests/faults/servers.rs"]
-#[allow(dead_code)]
-mod servers;
-
 use clap::Parser;
-use harness::{Own, Scenario};
+use qty_test_support::faults::{Own, Scenario};
 use qty_test_support::proxy::Proxy;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

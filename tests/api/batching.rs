@@ -3,7 +3,7 @@
 //! request per transaction or many, and concurrent batches neither deadlock nor
 //! apply a key twice.
 
-use crate::helpers::Names;
+use qty_test_support::app::Names;
 use qty_worker::bench::Mix;
 use qty_worker::decode::Request;
 use qty_worker::store::{self, Adjusted, Answer, Database};

@@ -1,6 +1,6 @@
 //! The real binary: its subcommands, HTTP endpoints, and a clean exit on SIGTERM.
 
-use crate::helpers::{AMQP_URL, Names, TestApp, WAIT};
+use qty_test_support::app::{AMQP_URL, Names, TestApp, WAIT};
 use std::process::{Command, Stdio};
 
 fn qty_worker(names: &Names) -> Command {
@@ -203,15 +203,16 @@ async fn sigterm_finishes_in_flight_work_and_exits_zero_with_nothing_unacked() {
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("send SIGTERM");
 
     let running = std::sync::Mutex::new(&mut child);
-    let status = crate::helpers::eventually("the worker to exit after SIGTERM", WAIT, || async {
-        let exited = running
-            .lock()
-            .expect("child")
-            .try_wait()
-            .expect("poll child");
-        exited.ok_or("still running")
-    })
-    .await;
+    let status =
+        qty_test_support::app::eventually("the worker to exit after SIGTERM", WAIT, || async {
+            let exited = running
+                .lock()
+                .expect("child")
+                .try_wait()
+                .expect("poll child");
+            exited.ok_or("still running")
+        })
+        .await;
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr).ok();
     assert_eq!(status.code(), Some(0), "exit status; log:\n{stderr}");
@@ -269,7 +270,7 @@ async fn dead_letters_can_be_listed_and_replayed_into_the_queue() {
     // Dead-letter a request by hand, as the broker would: into <exchange>.dlx with
     // the queue's name as routing key.
     let body = format!(r#"{{"item_id":"{item}","delta":-1}}"#);
-    crate::helpers::publish(
+    qty_test_support::app::publish(
         &app.channel,
         &format!("{}.dlx", app.names.exchange),
         &app.names.queue,
@@ -277,7 +278,7 @@ async fn dead_letters_can_be_listed_and_replayed_into_the_queue() {
         body.as_bytes(),
     )
     .await;
-    crate::helpers::publish(
+    qty_test_support::app::publish(
         &app.channel,
         &format!("{}.dlx", app.names.exchange),
         &app.names.queue,

@@ -2,8 +2,8 @@
 //! answered `rejected` / `invalid_message` with a specific error, acked, and never
 //! recorded in the ledger.
 
-use crate::helpers::TestApp;
 use lapin::BasicProperties;
+use qty_test_support::app::TestApp;
 
 #[tokio::test]
 async fn every_kind_of_broken_request_gets_a_specific_invalid_message_reply() {

@@ -1,7 +1,7 @@
 //! The idempotency ledger (contract §3): one effect per message_id, the
 //! stored reply replayed, conflicts refused, concurrency and the hot item.
 
-use crate::helpers::TestApp;
+use qty_test_support::app::TestApp;
 use std::collections::{BTreeMap, HashSet};
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! someone else delays only the requests for that item, and one worker applies an
 //! item's requests in the order they were delivered.
 
-use crate::helpers::TestApp;
+use qty_test_support::app::TestApp;
 use qty_worker::bench::Mix;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

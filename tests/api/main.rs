@@ -1,8 +1,6 @@
 //! Integration tests against the real RabbitMQ and PostgreSQL, driven through the
 //! broker as a publisher would. Each test has its own database and names.
 
-mod helpers;
-
 mod batching;
 mod binary;
 mod invalid;

@@ -1,8 +1,8 @@
 //! OTLP export (the `otlp` feature): the worker's delivery span reaches a
 //! collector, in the caller's trace, with the span id the reply names.
 
-use crate::helpers::{AMQP_URL, TestApp, WAIT};
 use lapin::types::{AMQPValue, FieldTable};
+use qty_test_support::app::{AMQP_URL, TestApp, WAIT};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 
@@ -124,7 +124,7 @@ async fn the_delivery_span_is_exported_in_the_callers_trace() {
         "no exported span with trace {trace_id} and span {our_span_id}"
     );
     let running = std::sync::Mutex::new(&mut child);
-    crate::helpers::eventually("the worker to stop", WAIT, || async {
+    qty_test_support::app::eventually("the worker to stop", WAIT, || async {
         let exited = running.lock().expect("child").try_wait().expect("poll");
         exited.ok_or("still running")
     })

@@ -1,6 +1,6 @@
 //! Each outcome of contract §4, and what it does to the item.
 
-use crate::helpers::TestApp;
+use qty_test_support::app::TestApp;
 use uuid::Uuid;
 
 #[tokio::test]

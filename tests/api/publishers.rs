@@ -7,7 +7,7 @@
 //! (`QTY_PUBLISHER_PYTHON`, `QTY_PUBLISHER_NODE_PATH`). Without them these tests
 //! say they were skipped, unless `QTY_REQUIRE_PUBLISHERS` is set (CI sets it).
 
-use crate::helpers::TestApp;
+use qty_test_support::app::TestApp;
 use std::path::Path;
 use std::process::Command;
 

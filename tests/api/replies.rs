@@ -1,8 +1,8 @@
 //! Where replies go and what they carry (contract §4), and the flow around
 //! them: several deliveries in flight, requests straight to the queue.
 
-use crate::helpers::{TestApp, listen, next_reply, publish};
 use lapin::BasicProperties;
+use qty_test_support::app::{TestApp, listen, next_reply, publish};
 use uuid::Uuid;
 
 #[tokio::test]
@@ -145,9 +145,9 @@ async fn publish_behind_a_row_lock(
     app.adjust("k-slow", slow_item, -1).await;
     // Only once it found the row locked and was set aside are other requests
     // sent, so they cannot share its batch.
-    crate::helpers::eventually(
+    qty_test_support::app::eventually(
         "k-slow to find the row locked",
-        crate::helpers::WAIT,
+        qty_test_support::app::WAIT,
         || async {
             let metrics = app.get("/metrics").await.1;
             (!metrics.contains("qty_worker_lock_waits_timed_out_total 0"))
@@ -258,13 +258,17 @@ async fn a_reply_channel_closed_by_the_broker_makes_the_worker_reconnect_and_ans
     let body = format!(r#"{{"item_id":"{item}","delta":-1}}"#);
     publish(&app.channel, "", &app.names.queue, props, body.as_bytes()).await;
 
-    crate::helpers::eventually("the worker to reconnect", crate::helpers::WAIT, || async {
-        let metrics = app.get("/metrics").await.1;
-        metrics
-            .contains(r#"qty_worker_reconnects_total{dependency="broker"} 1"#)
-            .then_some(())
-            .ok_or(metrics)
-    })
+    qty_test_support::app::eventually(
+        "the worker to reconnect",
+        qty_test_support::app::WAIT,
+        || async {
+            let metrics = app.get("/metrics").await.1;
+            metrics
+                .contains(r#"qty_worker_reconnects_total{dependency="broker"} 1"#)
+                .then_some(())
+                .ok_or(metrics)
+        },
+    )
     .await;
     app.wait_until_ready().await;
     app.exchange_exists()

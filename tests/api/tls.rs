@@ -1,7 +1,7 @@
 //! TLS to PostgreSQL with `sslmode=verify-full` and a private CA: a throwaway
 //! cluster that only accepts TLS, with certificates made by the test.
 
-use crate::helpers::WAIT;
+use qty_test_support::app::WAIT;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -256,9 +256,9 @@ async fn the_worker_consumes_over_amqps_trusting_a_private_ca() {
     let broker = TlsBroker::start();
     let amqps = format!("amqps://guest:guest@localhost:{}/%2f", broker.port);
     let ca = broker.dir.join("trusted-ca.pem");
-    let mut names = crate::helpers::Names::random();
+    let mut names = qty_test_support::app::Names::random();
     names.amqp_url = broker.node.urls();
-    let mut app = crate::helpers::TestApp::spawn_on(names, |settings| {
+    let mut app = qty_test_support::app::TestApp::spawn_on(names, |settings| {
         settings.connections.broker.amqp_url = amqps.clone();
         settings.connections.broker.amqp_ca_file = Some(ca.clone());
     })

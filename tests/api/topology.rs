@@ -2,9 +2,9 @@
 //! deleted exchange is declared again, an unroutable reply is counted, and a
 //! declare refused for other arguments is reported as a configuration conflict.
 
-use crate::helpers::{Names, RunningWorker, TestApp, WAIT, connect_any, http_get};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
+use qty_test_support::app::{Names, RunningWorker, TestApp, WAIT, connect_any, http_get};
 use qty_test_support::eventually;
 use std::time::Duration;
 

@@ -3,8 +3,8 @@
 //! comes up after the worker. Each runs on servers of the scenario's own, and
 //! checks the same invariants as every fault run.
 
-use crate::harness::{Own, Scenario};
 use crate::{GENEROUS, SERIAL, assert_clean, wait_for_readyz};
+use qty_test_support::faults::{Own, Scenario};
 use std::time::{Duration, Instant};
 
 /// Waits until `rows` more requests are recorded than when it was called.

@@ -9,22 +9,15 @@
 //! they check, and the machine is small.
 
 mod availability;
-mod harness;
-#[path = "../api/helpers.rs"]
-#[allow(dead_code)]
-mod helpers;
-mod invariants;
-mod publisher;
-mod servers;
 
-use harness::{Own, Scenario};
+use qty_test_support::faults::{Own, Scenario, Verdicts};
 use std::time::Duration;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const GENEROUS: Duration = Duration::from_secs(120);
 
-fn assert_clean(verdicts: harness::Verdicts) {
+fn assert_clean(verdicts: Verdicts) {
     assert!(
         verdicts.violations.is_empty(),
         "invariants broken: {:#?}",
@@ -36,7 +29,7 @@ fn assert_clean(verdicts: harness::Verdicts) {
     );
 }
 
-fn assert_clean_or_empty(verdicts: harness::Verdicts) {
+fn assert_clean_or_empty(verdicts: Verdicts) {
     assert!(
         verdicts.violations.is_empty(),
         "invariants broken: {:#?}",

@@ -1,6 +1,9 @@
-//! What qty-worker's tests share, as a crate of its own rather than files
-//! included by `#[path]`:
+//! What qty-worker's tests and its chaos example share, as a crate of its own:
 //!
+//! - [`app`]: a worker per test with its own database, exchange and queue, and the
+//!   publisher's and listener's side of the broker;
+//! - [`faults`]: the fault harness (worker processes behind proxies, a publisher
+//!   that keeps going through faults, the invariant check after each run);
 //! - [`eventually`]: wait for a condition with a deadline that names what it waited for;
 //! - [`postgres`] and [`rabbitmq`]: throwaway servers in temporary directories on free
 //!   ports, for the tests that stop, fail over, make read-only or cluster a server. The
@@ -11,7 +14,9 @@
 //! watchdog process when the test process dies without dropping it (a panic that
 //! aborts, Ctrl-C, SIGKILL).
 
+pub mod app;
 pub mod eventually;
+pub mod faults;
 pub mod postgres;
 pub mod proxy;
 pub mod rabbitmq;

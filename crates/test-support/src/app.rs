@@ -2,6 +2,7 @@
 //! suffix), a worker running on its own runtime thread, and a publisher/listener
 //! connection of its own. Everything is removed on drop, even when a test fails.
 
+pub use crate::eventually;
 use futures::StreamExt as _;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions,
@@ -9,7 +10,6 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
-pub use qty_test_support::eventually;
 use qty_worker::settings::{
     BrokerArgs, Connections, DatabaseArgs, ExchangeArg, QueueArg, Settings, WorkerSettings,
 };
@@ -61,7 +61,6 @@ impl Names {
     }
 
     /// Names on servers of the test's own (the fault suite's).
-    #[allow(dead_code)]
     pub fn on_own_servers(postgres: String, amqp_url: String) -> Names {
         Names {
             postgres,
@@ -223,7 +222,7 @@ impl Drop for RunningWorker {
 /// `docs/schemas/reply.json`, which `docs/asyncapi.yaml` points at: every reply a
 /// test receives is checked against it, so the document cannot drift from the code.
 static REPLY_SCHEMA: std::sync::LazyLock<jsonschema::Validator> = std::sync::LazyLock::new(|| {
-    let schema: Value = serde_json::from_str(include_str!("../../docs/schemas/reply.json"))
+    let schema: Value = serde_json::from_str(include_str!("../../../docs/schemas/reply.json"))
         .expect("reply.json is JSON");
     jsonschema::validator_for(&schema).expect("reply.json is a valid JSON Schema")
 });

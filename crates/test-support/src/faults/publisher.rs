@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-use crate::helpers::connect_any;
+use crate::app::connect_any;
 
 /// One request the publisher sent (perhaps more than once).
 #[derive(Clone, Debug)]

@@ -2,8 +2,8 @@
 //! nothing lost, nothing applied twice, every request answered with identical
 //! replies, the queue drained, and only the poison dead-lettered.
 
-use crate::harness::{Scenario, Sent};
-use crate::helpers::connect_any;
+use super::{Scenario, Sent};
+use crate::app::connect_any;
 use lapin::options::BasicGetOptions;
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
@@ -30,7 +30,7 @@ impl Scenario {
         let mut by_id: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
         for body in &replies {
             let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-            crate::helpers::assert_documented_reply(&value);
+            crate::app::assert_documented_reply(&value);
             let id = value["message_id"].as_str().unwrap_or_default().to_owned();
             by_id.entry(id).or_default().push(body.clone());
         }

@@ -4,8 +4,8 @@
 //! of its own (`Own`), which the test-support crate starts in temporary
 //! directories on free ports and removes when the scenario ends, failed or not.
 
-use qty_test_support::postgres::Postgres;
-use qty_test_support::rabbitmq::Cluster;
+use crate::postgres::Postgres;
+use crate::rabbitmq::Cluster;
 use std::net::SocketAddr;
 
 /// Which servers a scenario starts for itself.
@@ -58,7 +58,7 @@ impl Servers {
     /// Starts what `own` asks for; `None` (after printing why) when this machine
     /// lacks the server binaries, so the calling test can return early.
     pub fn start(own: Own) -> Option<Servers> {
-        if own.any() && !qty_test_support::servers_available() {
+        if own.any() && !crate::servers_available() {
             println!("skipped: no PostgreSQL/RabbitMQ binaries");
             return None;
         }
@@ -104,6 +104,6 @@ impl Servers {
     pub fn amqp_urls(&self) -> String {
         self.rabbitmq
             .as_ref()
-            .map_or_else(|| crate::helpers::AMQP_URL.to_owned(), Cluster::urls)
+            .map_or_else(|| crate::app::AMQP_URL.to_owned(), Cluster::urls)
     }
 }

@@ -1,15 +1,15 @@
-//! The fault harness: real worker processes behind TCP proxies, a publisher that
-//! keeps publishing through faults, and the invariant check run after each run.
-//! Shared by the fault tests and by `examples/chaos.rs`; the publisher and the
-//! invariant check have modules of their own.
+//! A fault scenario: its servers, the TCP proxies in front of them, its worker
+//! processes, and what it published. The publisher and the invariant check have
+//! modules of their own.
 
-use crate::helpers::{Names, WAIT, connect_any, eventually, http_get};
-pub use crate::invariants::Verdicts;
-pub use crate::publisher::{Sent, publish_through_faults};
-pub use crate::servers::{Own, Servers};
+use super::invariants::Verdicts;
+use super::publisher::{Sent, publish_through_faults};
+use super::servers::{Own, Servers};
+use crate::app::{Names, WAIT, connect_any, eventually, http_get};
+use crate::free_port;
+use crate::proxy::Proxy;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use qty_test_support::proxy::Proxy;
 use sqlx::PgPool;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -116,9 +116,7 @@ impl Scenario {
     /// Starts a worker process and returns its index, without waiting for it.
     pub fn spawn_worker(&mut self) -> usize {
         let http_port = free_port();
-        let log_dir = option_env!("CARGO_TARGET_TMPDIR")
-            .map_or_else(std::env::temp_dir, PathBuf::from)
-            .join("fault-logs");
+        let log_dir = profile_dir().join("fault-logs");
         std::fs::create_dir_all(&log_dir).expect("log dir");
         let log = log_dir.join(format!(
             "{}-{}-{}.log",
@@ -143,7 +141,7 @@ impl Scenario {
             .expect("spawn qty-worker");
         // A worker outlives a test process killed before its Drop ran (Ctrl-C);
         // this ends it then, if that pid is still this binary.
-        qty_test_support::on_exit(&format!(
+        crate::on_exit(&format!(
             "[ \"$(readlink /proc/{pid}/exe)\" = {binary:?} ] && kill -9 {pid}",
             pid = child.id(),
             binary = std::fs::canonicalize(worker_binary())
@@ -197,7 +195,7 @@ impl Scenario {
     }
 
     /// The scenario's own PostgreSQL primary.
-    pub fn primary(&self) -> &qty_test_support::postgres::Postgres {
+    pub fn primary(&self) -> &crate::postgres::Postgres {
         self.servers
             .primary
             .as_ref()
@@ -205,7 +203,7 @@ impl Scenario {
     }
 
     /// A RabbitMQ node of the scenario's own.
-    pub fn rabbitmq_node(&self, index: usize) -> &qty_test_support::rabbitmq::Node {
+    pub fn rabbitmq_node(&self, index: usize) -> &crate::rabbitmq::Node {
         self.servers
             .rabbitmq
             .as_ref()
@@ -410,25 +408,25 @@ async fn readyz_at(addr: std::net::SocketAddr) -> Option<(u16, String)> {
     Some(http_get(addr, "/readyz").await)
 }
 
-/// The worker binary: cargo names it for tests; an example finds it beside itself.
-fn worker_binary() -> PathBuf {
-    match option_env!("CARGO_BIN_EXE_qty-worker") {
-        Some(path) => PathBuf::from(path),
-        None => {
-            let example = std::env::current_exe().expect("own path");
-            example
-                .parent()
-                .and_then(|examples| examples.parent())
-                .expect("target dir")
-                .join("qty-worker")
-        }
-    }
+/// The cargo profile directory the running test or example was built into
+/// (`target/debug` or `target/release`): tests live in its `deps/`, examples in its
+/// `examples/`, and the worker binary beside both.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    exe.parent()
+        .and_then(|dir| dir.parent())
+        .unwrap_or_else(|| panic!("{} has no profile directory", exe.display()))
+        .to_path_buf()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("address")
-        .port()
+/// The worker binary of the same build. Cargo builds it before an integration
+/// test; an example needs `cargo build` first, and this says so.
+fn worker_binary() -> PathBuf {
+    let binary = profile_dir().join("qty-worker");
+    assert!(
+        binary.is_file(),
+        "no worker binary at {}: run `cargo build` with the same profile and features first",
+        binary.display()
+    );
+    binary
 }
