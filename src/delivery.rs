@@ -53,11 +53,8 @@ pub struct Link {
 pub fn receive(ctx: &Arc<Context>, delivery: Delivery, link: &Arc<Link>) -> BoxFuture<'static, ()> {
     let started = Instant::now();
     link.acks.received(delivery.delivery_tag);
-    let span = delivery_span(&delivery);
     let trace = request_traceparent(&delivery.properties);
-    if let Some(trace) = &trace {
-        span.record("trace_id", trace.trace_id_hex());
-    }
+    let span = delivery_span(&delivery.properties, trace.as_ref());
     ctx.metrics.in_flight.inc();
     if delivery.redelivered {
         ctx.metrics.redelivered.inc();
@@ -83,7 +80,16 @@ pub fn receive(ctx: &Arc<Context>, delivery: Delivery, link: &Arc<Link>) -> BoxF
     // Boxed once, here: the handling future is several kilobytes, and moving it
     // by value through `instrument` and `spawn` showed up as a tenth of the
     // worker's CPU (memmove) in a profile.
-    let handling = finish(ctx.clone(), delivery, decoded, route, link.clone(), started);
+    let received = Received {
+        tag: delivery.delivery_tag,
+        redelivered: delivery.redelivered,
+        // Kept only to log a rejected body at debug.
+        body: match decoded {
+            Ok(Ok(_)) => Vec::new(),
+            _ => delivery.data,
+        },
+    };
+    let handling = finish(ctx.clone(), received, decoded, route, link.clone(), started);
     Box::pin(handling.instrument(span))
 }
 
@@ -105,18 +111,28 @@ fn inject_fault(_delivery: &Delivery) {
 /// What `receive` made of the delivery: a pending verdict, a rejection, or a panic.
 type Decoded = std::thread::Result<Result<Pending, Box<Invalid>>>;
 
+/// What the rest of the handling needs of the delivery. Its properties are in the
+/// span and the reply route by now; the rest is not carried along, which keeps
+/// the per-delivery future small.
+struct Received {
+    tag: u64,
+    redelivered: bool,
+    /// The body of a request that was not decoded; empty otherwise.
+    body: Vec<u8>,
+}
+
 async fn finish(
     ctx: Arc<Context>,
-    delivery: Delivery,
+    received: Received,
     decoded: Decoded,
     route: ReplyRoute,
     link: Arc<Link>,
     started: Instant,
 ) {
-    let tag = delivery.delivery_tag;
+    let tag = received.tag;
     let outcome = match decoded {
         Ok(decoded) => {
-            AssertUnwindSafe(process(&ctx, delivery, decoded, &route, &link))
+            AssertUnwindSafe(process(&ctx, received, decoded, &route, &link))
                 .catch_unwind()
                 .await
         }
@@ -156,7 +172,7 @@ enum Settled {
 
 async fn process(
     ctx: &Context,
-    delivery: Delivery,
+    received: Received,
     decoded: Result<Pending, Box<Invalid>>,
     route: &ReplyRoute,
     link: &Link,
@@ -177,16 +193,11 @@ async fn process(
             if log {
                 tracing::warn!(error = %invalid.error, suppressed_before = suppressed, "invalid request rejected");
             }
-            tracing::debug!(body = %String::from_utf8_lossy(&delivery.data), "invalid request body");
+            tracing::debug!(body = %String::from_utf8_lossy(&received.body), "invalid request body");
             Verdict::for_invalid(&invalid)
         }
     };
     ctx.metrics.record(&verdict);
-    let span = Span::current();
-    span.record("outcome", verdict.outcome.name());
-    if let Some(reason) = verdict.outcome.reason() {
-        span.record("reason", reason);
-    }
 
     let confirmed = reply::send_until_confirmed(
         &link.replies,
@@ -201,22 +212,26 @@ async fn process(
         return Settled::Abandoned;
     }
     // Per request, so debug: at thousands a second an info line each costs ~10%.
-    tracing::debug!(replayed = verdict.replayed, "request answered");
+    tracing::debug!(
+        outcome = verdict.outcome.name(),
+        reason = verdict.outcome.reason(),
+        replayed = verdict.replayed,
+        redelivered = received.redelivered,
+        "request answered"
+    );
     Settled::Replied
 }
 
-/// One span per delivery; `outcome` and `reason` are filled in once known.
-fn delivery_span(delivery: &Delivery) -> Span {
-    let properties = &delivery.properties;
+/// One span per delivery, with what an operator needs to find the request: its
+/// `message_id`, `correlation_id` and, when it joined a trace, `trace_id`. Its
+/// fields are rendered once, when it is made (with JSON logs, recording one later
+/// re-renders them all), so the outcome goes on the events instead.
+fn delivery_span(properties: &BasicProperties, trace: Option<&TraceParent>) -> Span {
     tracing::info_span!(
         "delivery",
         message_id = properties.message_id().as_ref().map(|s| s.as_str()),
         correlation_id = properties.correlation_id().as_ref().map(|s| s.as_str()),
-        delivery_tag = delivery.delivery_tag,
-        redelivered = delivery.redelivered,
-        outcome = tracing::field::Empty,
-        reason = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
+        trace_id = trace.map(TraceParent::trace_id_hex).as_deref(),
     )
 }
 

@@ -5,7 +5,18 @@ use qty_worker::settings::{LogFormat, SettingError, Settings};
 use qty_worker::{commands, telemetry};
 use std::process::ExitCode;
 
-#[tokio::main]
+/// jemalloc rather than the system allocator: a request makes about 60
+/// allocations (most of them in the AMQP client), and jemalloc's per-thread
+/// caches take a tenth off the worker's instructions per request (callgrind,
+/// BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// One runtime thread. The AMQP client does its I/O on a thread of its own, and
+/// PostgreSQL and RabbitMQ need the cores too: a second runtime thread only added
+/// wake-ups between the two (CPU per request 34 → 29 µs with one, BENCHMARKS.md).
+/// One thread carries far more than the broker and database can confirm.
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let (log_format, otlp_endpoint, default_filter) = logging(&cli.command);

@@ -109,8 +109,11 @@ pub async fn send_until_confirmed(
 ) -> bool {
     let mut backoff = Duration::from_millis(50);
     loop {
+        // Boxed: nested in the per-delivery future, this future's state would be
+        // copied at each level and make that future several kilobytes, past the
+        // allocator's fast path for small blocks.
         let sent = lost
-            .run_until_cancelled(send(channel, exchange, route, verdict))
+            .run_until_cancelled(Box::pin(send(channel, exchange, route, verdict)))
             .await;
         match sent {
             None => return false,
