@@ -1,46 +1,50 @@
 #!/usr/bin/env bash
 # The benchmark record in BENCHMARKS.md, all in one session on one machine:
-# the pgbench per-message ceiling, backlog drains (spread, hot item, 1/2/4
-# workers), the Python baseline, and latency at fixed rates up to half the
-# measured capacity.
+#   - the honest per-message ceiling (bench/pgbench.sh: 1,000 items, prepared
+#     statements, 16 clients);
+#   - backlog drains over 1,000 items and onto one hot item, with peak RSS and
+#     CPU per request by process;
+#   - the broker's own ceiling for this traffic (examples/broker_ceiling.rs: a
+#     lapin consumer that replies and acks, no database);
+#   - the Python worker (pika + psycopg);
+#   - publish→reply latency at 1,000/s and at half the drain rate just measured.
 # Ends with the ratios the targets are stated in.
 #
 #   bench/record.sh [MESSAGES]      (default 50000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-50000}
-cargo build --release --quiet
+cargo build --release --quiet --bin qty-worker --example broker_ceiling
 out=$(mktemp -d)
 figure() { python3 bench/figure.py < "$1"; }
-rate_of() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['throughput_per_sec'])" "$1"; }
+field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$1" "$2"; }
 
-pgbench_tps=$(bench/pgbench.sh 20 | awk '{print $3}')
-echo "pgbench, one transaction per message, 16 clients: $pgbench_tps tps"
-bench/drain.sh 1 "" --messages "$n" --items 100 > "$out/spread.json"
-echo "drain $n, 100 items, 1 worker:    $(figure "$out/spread.json")"
+echo "date: $(date -u +%FT%TZ), $(nproc) cores"
+pgbench_tps=$(bench/pgbench.sh 20 1000 | awk '{print $3}')
+echo "pgbench, one transaction per message, 1,000 items, -M prepared, 16 clients: $pgbench_tps tps"
+bench/drain.sh 1 "" --messages "$n" --items 1000 > "$out/spread.json"
+echo "drain $n over 1,000 items:       $(figure "$out/spread.json")"
 bench/drain.sh 1 "" --messages "$n" --items 1 > "$out/hot.json"
-echo "drain $n, one hot item, 1 worker: $(figure "$out/hot.json")"
-for w in 2 4; do
-  bench/drain.sh "$w" "" --messages "$n" --items 100 > "$out/workers-$w.json"
-  echo "drain $n, 100 items, $w workers:    $(figure "$out/workers-$w.json")"
-done
+echo "drain $n onto one hot item:      $(figure "$out/hot.json")"
+WORKER_CMD=target/release/examples/broker_ceiling bench/drain.sh 1 "" --messages "$n" --items 1000 > "$out/ceiling.json"
+echo "broker only (no database; its replies are placeholders, so no invariants): $(field "$out/ceiling.json" "f\"{r['throughput_per_sec']:.0f} msg/s, client CPU {r['cpu_secs']['workers'] * 1e6 / r['messages']:.0f} µs/request\"")"
 
 # The Python baseline runs in its own virtualenv, with pinned client libraries.
 venv=${XDG_CACHE_HOME:-$HOME/.cache}/qty-worker/bench-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check pika==1.4.4 'psycopg[binary]==3.3.9'
 python_n=$((n / 5))
-WORKER_CMD="$venv/bin/python bench/python_worker.py" bench/drain.sh 1 "" --messages "$python_n" --items 100 > "$out/python.json"
+WORKER_CMD="$venv/bin/python bench/python_worker.py" bench/drain.sh 1 "" --messages "$python_n" --items 1000 > "$out/python.json"
 echo "drain $python_n, Python worker:   $(figure "$out/python.json")"
 
-# Latency at fixed rates up to half the drain capacity just measured, with the
-# worker already consuming. The bench publishes on the same 2 cores meanwhile.
-half=$(python3 -c "print(int(float('$(rate_of "$out/spread.json")') / 2))")
+# Latency at fixed rates, with the worker already consuming. The bench publishes
+# on the same 2 cores meanwhile.
+half=$(field "$out/spread.json" "int(r['throughput_per_sec'] / 2)")
 suffix=$(date +%s%N)
 db=qtyw_rate_$suffix
 export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db QTY_EXCHANGE=bench-rate-$suffix QTY_QUEUE=bench-rate-$suffix.adjust
 http=127.0.0.1:19465
-target/release/qty-worker --log-format json run --http-addr $http 2>/dev/null &
+target/release/qty-worker run --log-format json --http-addr $http 2>/dev/null &
 worker=$!
 trap 'kill -TERM $worker 2>/dev/null; wait $worker; bench/forget-names.sh "$QTY_EXCHANGE" "$QTY_QUEUE"; psql -q -h 127.0.0.1 -U postgres -c "drop database if exists $db" postgres' EXIT
 for _ in $(seq 1 100); do
@@ -48,14 +52,21 @@ for _ in $(seq 1 100); do
   kill -0 $worker || { echo "the worker exited" >&2; exit 1; }
   sleep 0.1
 done
-for rate in ${RATES:-2000 4000 $half}; do
-  target/release/qty-worker bench --json --rate "$rate" --messages $((n / 2)) --items 100 > "$out/rate.json"
-  echo "rate $rate/s for $((n / 2)) requests: $(figure "$out/rate.json")"
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+for rate in ${RATES:-1000 $half}; do
+  before=$(ticks $worker)
+  target/release/qty-worker bench --json --rate "$rate" --messages $((rate * 5)) --items 1000 > "$out/rate.json"
+  cpu=$(( ($(ticks $worker) - before) * 1000000 / $(getconf CLK_TCK) / (rate * 5) ))
+  echo "rate $rate/s for $((rate * 5)) requests: $(figure "$out/rate.json"); worker CPU $cpu µs/request"
 done
 
-python3 - "$pgbench_tps" "$(rate_of "$out/spread.json")" "$(rate_of "$out/hot.json")" "$(rate_of "$out/python.json")" <<'PY'
-import sys
-pgbench, spread, hot, python = map(float, sys.argv[1:])
-print(f"ratios: drain/pgbench {spread / pgbench:.2f}, hot/spread {hot / spread:.2f}, "
-      f"qty-worker/Python {spread / python:.1f}")
+python3 - "$pgbench_tps" "$out" <<'PY'
+import json, sys
+pgbench, out = float(sys.argv[1]), sys.argv[2]
+r = {name: json.load(open(f"{out}/{name}.json")) for name in ("spread", "hot", "python", "ceiling")}
+rate = {name: report["throughput_per_sec"] for name, report in r.items()}
+cpu = r["spread"]["cpu_secs"]["workers"] * 1e6 / r["spread"]["messages"]
+print(f"ratios: drain/pgbench {rate['spread'] / pgbench:.2f}, hot/spread {rate['hot'] / rate['spread']:.2f}, "
+      f"qty-worker/Python {rate['spread'] / rate['python']:.1f}, drain/broker-only {rate['spread'] / rate['ceiling']:.2f}; "
+      f"worker CPU {cpu:.0f} µs/request, peak RSS {r['spread']['worker_peak_rss_mib']} MiB")
 PY

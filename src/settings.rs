@@ -12,8 +12,11 @@ pub const DEFAULT_PREFETCH: u16 = 1000;
 /// Deliveries of one message before it is dead-lettered unless `--delivery-limit` says otherwise.
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 10;
 
-/// PostgreSQL connections (and concurrent transactions) unless `--db-pool` says otherwise.
-pub const DEFAULT_DB_POOL: u32 = 4;
+/// PostgreSQL connections (and concurrent transactions) unless `--db-pool` says
+/// otherwise. Two, not four: on the 2-core benchmark machine fewer, larger
+/// transactions drained 1.27× faster and halved the latency at 4,000/s
+/// (BENCHMARKS.md).
+pub const DEFAULT_DB_POOL: u32 = 2;
 
 /// Requests per transaction at most unless `--batch-max` says otherwise.
 pub const DEFAULT_BATCH_MAX: u32 = 100;

@@ -22,8 +22,13 @@ async fn an_exchange_deleted_while_replies_go_to_reply_to_is_declared_again() {
         || app.exchange_exists(),
     )
     .await;
-    // Published through the exchange again, with the request binding in place.
-    app.adjust("after", item, -1).await;
+    // Published through the exchange again once the request binding is back too
+    // (the exchange comes back a moment before it); a returned copy is not
+    // enqueued, so exactly one is.
+    eventually("the request binding to route again", WAIT, || {
+        app.adjust_routed("after", item, -1)
+    })
+    .await;
     assert_eq!(app.next_reply().await.body["qty"].as_i64(), Some(8));
 }
 

@@ -377,6 +377,37 @@ impl TestApp {
             .await;
     }
 
+    /// Publishes a well-formed request `mandatory`, and says whether the broker
+    /// routed it to a queue (a returned one was not enqueued anywhere).
+    pub async fn adjust_routed(
+        &self,
+        message_id: &str,
+        item: Uuid,
+        delta: i64,
+    ) -> Result<(), String> {
+        let body = serde_json::json!({ "item_id": item, "delta": delta }).to_string();
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.names.exchange.as_str().into(),
+                "qty.adjust".into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body.as_bytes(),
+                self.props(message_id),
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        match confirm {
+            lapin::Confirmation::Ack(None) => Ok(()),
+            other => Err(format!("not routed: {other:?}")),
+        }
+    }
+
     /// The next reply on this test's reply queue.
     pub async fn next_reply(&mut self) -> Reply {
         next_reply(&mut self.replies, "a reply on the test's reply queue").await
