@@ -28,8 +28,8 @@ use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -125,7 +125,9 @@ impl Worker {
             }
             () = self.wait_for_database() => {}
         }
-        let mut in_flight = JoinSet::new();
+        // A tracker rather than a JoinSet: nothing needs a handler's result, and a
+        // JoinSet woke this loop once per finished delivery to collect it.
+        let in_flight = TaskTracker::new();
         let mut backoff = FIRST_BACKOFF;
         let mut lost_before = false;
         loop {
@@ -178,12 +180,10 @@ impl Worker {
                 "consuming"
             );
 
-            let stopped = self
-                .consume(&mut session, &mut in_flight, &mut shutdown)
-                .await;
+            let stopped = self.consume(&mut session, &in_flight, &mut shutdown).await;
             self.ctx.health.set_broker(BrokerState::Down);
             if stopped {
-                session.drain(&self, &mut in_flight).await;
+                session.drain(&self, &in_flight).await;
                 session.close().await;
                 break;
             }
@@ -233,7 +233,7 @@ impl Worker {
     async fn consume(
         &self,
         session: &mut Session,
-        in_flight: &mut JoinSet<()>,
+        in_flight: &TaskTracker,
         shutdown: &mut (impl Future<Output = ()> + Unpin),
     ) -> bool {
         loop {
@@ -244,7 +244,6 @@ impl Worker {
                     tracing::warn!("reply channel closed by the broker");
                     return false;
                 }
-                Some(_) = in_flight.join_next() => {}
                 next = session.consumer.next() => match next {
                     Some(Ok(delivery)) => session.spawn(&self.ctx, in_flight, delivery),
                     Some(Err(error)) => {
@@ -343,14 +342,14 @@ impl Session {
         })
     }
 
-    fn spawn(&self, ctx: &Arc<Context>, in_flight: &mut JoinSet<()>, delivery: Delivery) {
+    fn spawn(&self, ctx: &Arc<Context>, in_flight: &TaskTracker, delivery: Delivery) {
         in_flight.spawn(delivery::receive(ctx, delivery, &self.link));
     }
 
     /// Stops taking deliveries, then finishes those already received, up to the
     /// drain time. Deliveries the broker pushed before the cancel took effect are
     /// handled too rather than bounced back, so none is redelivered needlessly.
-    async fn drain(&mut self, worker: &Worker, in_flight: &mut JoinSet<()>) {
+    async fn drain(&mut self, worker: &Worker, in_flight: &TaskTracker) {
         let drain_for = Duration::from_secs(worker.settings.worker.drain_secs);
         tracing::info!(
             in_flight = in_flight.len(),
@@ -366,15 +365,21 @@ impl Session {
                     self.spawn(&worker.ctx, in_flight, delivery);
                 }
             }
-            while in_flight.join_next().await.is_some() {}
+            in_flight.close();
+            in_flight.wait().await;
         };
         if tokio::time::timeout(drain_for, finish).await.is_err() {
             tracing::warn!(
                 left = in_flight.len(),
                 "drain time is up; unfinished deliveries go back to the queue"
             );
+            // Every handler stops waiting once the session is given up; its
+            // delivery is left unacked for the broker to hand out again.
             self.link.lost.cancel();
-            in_flight.shutdown().await;
+            in_flight.close();
+            tokio::time::timeout(Duration::from_secs(2), in_flight.wait())
+                .await
+                .ok();
         }
     }
 
