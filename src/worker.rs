@@ -359,13 +359,14 @@ impl Session {
             .deliveries
             .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
             .await;
+        // Closed now so `wait` can end; handlers spawned below are still tracked.
+        in_flight.close();
         let finish = async {
             if cancelled.is_ok() {
                 while let Some(Ok(delivery)) = self.consumer.next().await {
                     self.spawn(&worker.ctx, in_flight, delivery);
                 }
             }
-            in_flight.close();
             in_flight.wait().await;
         };
         if tokio::time::timeout(drain_for, finish).await.is_err() {
@@ -376,7 +377,6 @@ impl Session {
             // Every handler stops waiting once the session is given up; its
             // delivery is left unacked for the broker to hand out again.
             self.link.lost.cancel();
-            in_flight.close();
             tokio::time::timeout(Duration::from_secs(2), in_flight.wait())
                 .await
                 .ok();

@@ -372,8 +372,7 @@ impl TestApp {
 
     /// Publishes a well-formed request whose reply comes to this test.
     pub async fn adjust(&self, message_id: &str, item: Uuid, delta: i64) {
-        let body = serde_json::json!({ "item_id": item, "delta": delta }).to_string();
-        self.publish_raw(self.props(message_id), body.as_bytes())
+        self.publish_raw(self.props(message_id), request_body(item, delta).as_bytes())
             .await;
     }
 
@@ -385,7 +384,7 @@ impl TestApp {
         item: Uuid,
         delta: i64,
     ) -> Result<(), String> {
-        let body = serde_json::json!({ "item_id": item, "delta": delta }).to_string();
+        let body = request_body(item, delta);
         let confirm = self
             .channel
             .basic_publish(
@@ -536,6 +535,11 @@ impl Drop for TestApp {
 }
 
 /// Connects to the first broker of a comma-separated list that answers.
+/// A well-formed request body.
+fn request_body(item: Uuid, delta: i64) -> String {
+    serde_json::json!({ "item_id": item, "delta": delta }).to_string()
+}
+
 pub async fn connect_any(urls: &str) -> Option<Connection> {
     for url in urls.split(',') {
         if let Ok(connection) = Connection::connect(url, ConnectionProperties::default()).await {
