@@ -45,6 +45,9 @@ cat "$fifo" > /dev/null &
 
 # CPU use, in clock ticks, so runs can be compared per message as well as per second.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# Context switches of all a process's threads: each is a hand-off between threads
+# (or a wait for the network), and on a virtual machine each costs microseconds.
+switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'; }
 busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 broker_pid=$(pgrep -o beam.smp || echo 0)
 # PostgreSQL's processes: the server's own and the backends serving the runs.
@@ -63,7 +66,7 @@ for n in $(seq 1 "$workers"); do
   fi
   pids+=($!)
 done
-peak=0 worker_ticks=0 bench_ticks=0
+peak=0 worker_ticks=0 bench_ticks=0 worker_switches=0
 while kill -0 "$bench_pid" 2>/dev/null; do
   sum=0
   for n in "${!pids[@]}"; do
@@ -78,6 +81,9 @@ while kill -0 "$bench_pid" 2>/dev/null; do
     sum=$((sum + $(ticks "$pid")))
   done
   worker_ticks=$sum
+  sum=0
+  for pid in "${pids[@]}"; do sum=$((sum + $(switches "$pid"))); done
+  worker_switches=$sum
   t=$(ticks "$bench_pid"); [ "$t" -gt 0 ] && bench_ticks=$((t - bench_before))
   sleep 0.2
 done
@@ -85,7 +91,7 @@ wait "$bench_pid"
 broker_ticks=$(( $(ticks "$broker_pid") - broker_before )) busy_ticks=$(( $(busy) - busy_before ))
 database_ticks=$(( $(database) - database_before ))
 python3 - "$log/report.json" "$peak" "$workers" "$(getconf CLK_TCK)" \
-  "$worker_ticks" "$broker_ticks" "$bench_ticks" "$database_ticks" "$busy_ticks" <<'PY'
+  "$worker_ticks" "$broker_ticks" "$bench_ticks" "$database_ticks" "$busy_ticks" "$worker_switches" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
 report["workers"] = int(sys.argv[3])
@@ -101,5 +107,6 @@ report["cpu_secs"] = {
     "bench": round(bench, 2),
     "rest": round(busy - worker - broker - bench - database, 2),
 }
+report["worker_context_switches"] = int(sys.argv[10])
 print(json.dumps(report))
 PY

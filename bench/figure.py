@@ -3,7 +3,6 @@ import json
 import sys
 
 
-
 def cpu_per_message(r):
     """CPU microseconds per request, by process, when the run measured them."""
     cpu = r.get("cpu_secs")
@@ -11,7 +10,9 @@ def cpu_per_message(r):
         return ""
     n = r["messages"]
     parts = ", ".join(f"{name} {secs * 1e6 / n:.0f}" for name, secs in cpu.items())
-    return f"; CPU µs/request: {parts}"
+    switches = r.get("worker_context_switches")
+    per = f"; worker context switches/request {switches / n:.2f}" if switches is not None else ""
+    return f"; CPU µs/request: {parts}{per}"
 
 
 r = json.load(sys.stdin)

@@ -38,7 +38,10 @@ WORKER_CMD="$venv/bin/python bench/python_worker.py" bench/drain.sh 1 "" --messa
 echo "drain $python_n, Python worker:   $(figure "$out/python.json")"
 
 # Latency at fixed rates, with the worker already consuming. The bench publishes
-# on the same 2 cores meanwhile.
+# on the same 2 cores meanwhile, so the machine's busy share is printed too. Then
+# the same rates through the broker alone (examples/broker_ceiling.rs on the same
+# queue, no database): what publishing, the quorum queue and a bare lapin client
+# leave of the machine at that rate.
 half=$(field "$out/spread.json" "int(r['throughput_per_sec'] / 2)")
 suffix=$(date +%s%N)
 db=qtyw_rate_$suffix
@@ -53,12 +56,29 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-for rate in ${RATES:-1000 $half}; do
-  before=$(ticks $worker)
-  target/release/qty-worker bench --json --rate "$rate" --messages $((rate * 5)) --items 1000 > "$out/rate.json"
-  cpu=$(( ($(ticks $worker) - before) * 1000000 / $(getconf CLK_TCK) / (rate * 5) ))
-  echo "rate $rate/s for $((rate * 5)) requests: $(figure "$out/rate.json"); worker CPU $cpu µs/request"
+busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
+fixed_rates() {
+  local label=$1 rate before busy_before total_before busy_after total_after cpu
+  for rate in ${RATES:-1000 $half}; do
+    before=$(ticks $worker)
+    read -r busy_before total_before < <(busy)
+    target/release/qty-worker bench --json --rate "$rate" --messages $((rate * 5)) --items 1000 > "$out/rate.json"
+    read -r busy_after total_after < <(busy)
+    cpu=$(( ($(ticks $worker) - before) * 1000000 / $(getconf CLK_TCK) / (rate * 5) ))
+    echo "$label, rate $rate/s for $((rate * 5)) requests: $(field "$out/rate.json" "f\"{r['throughput_per_sec']:.0f} msg/s, p50 {r['latency_ms']['p50']:.1f} ms, p99 {r['latency_ms']['p99']:.1f} ms\""); client CPU $cpu µs/request; machine $(( (busy_after - busy_before) * 100 / (total_after - total_before) ))% busy"
+  done
+}
+fixed_rates "qty-worker"
+kill -TERM $worker; wait $worker || true
+ceiling_log=$out/broker_ceiling.log
+target/release/examples/broker_ceiling 2> "$ceiling_log" &
+worker=$!
+for _ in $(seq 1 100); do
+  grep -q consuming "$ceiling_log" && break
+  kill -0 $worker || { echo "broker_ceiling exited: $(cat "$ceiling_log")" >&2; exit 1; }
+  sleep 0.1
 done
+fixed_rates "broker only"
 
 python3 - "$pgbench_tps" "$out" <<'PY'
 import json, sys

@@ -51,6 +51,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             FieldTable::default(),
         )
         .await?;
+    // Scripts wait for this line before they publish at a fixed rate.
+    eprintln!("consuming {queue}");
 
     // Confirms arrive in publish order, so the newest confirmed tag acks every
     // delivery before it.

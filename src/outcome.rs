@@ -4,6 +4,7 @@
 
 use crate::decode::{Invalid, Request};
 use serde::Serialize;
+use sha1::{Digest as _, Sha1};
 use uuid::Uuid;
 
 /// What happened to one request.
@@ -176,10 +177,24 @@ impl Verdict {
     /// request without a `message_id` gets a fresh one.
     pub fn reply_message_id(&self, body: &[u8]) -> String {
         match self.message_id {
-            Some(_) => Uuid::new_v5(&REPLY_ID_NAMESPACE, body).to_string(),
+            Some(_) => uuid_v5(&REPLY_ID_NAMESPACE, body).to_string(),
             None => Uuid::new_v4().to_string(),
         }
     }
+}
+
+/// The UUIDv5 of `name` in `namespace`, as `Uuid::new_v5` computes it, but with
+/// the `sha1` crate, which uses the CPU's SHA instructions where it has them:
+/// `Uuid::new_v5` hashes in portable code, which cost a sixteenth of the
+/// worker's instructions per request.
+fn uuid_v5(namespace: &Uuid, name: &[u8]) -> Uuid {
+    let digest = Sha1::new()
+        .chain_update(namespace.as_bytes())
+        .chain_update(name)
+        .finalize();
+    let mut bytes = [0; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_sha1_bytes(bytes).into_uuid()
 }
 
 #[cfg(test)]
@@ -195,6 +210,20 @@ mod tests {
             outcome,
             replayed: false,
         }
+    }
+
+    #[test]
+    fn reply_ids_are_standard_uuid_v5() {
+        for name in [&b""[..], b"k", &[7; 55], &[7; 56], &[7; 64], &[0xff; 200]] {
+            assert_eq!(
+                uuid_v5(&REPLY_ID_NAMESPACE, name),
+                Uuid::new_v5(&REPLY_ID_NAMESPACE, name)
+            );
+        }
+        let body = verdict(Outcome::Applied { qty: 3 }).body();
+        let id = uuid_v5(&REPLY_ID_NAMESPACE, &body);
+        assert_eq!(id, Uuid::new_v5(&REPLY_ID_NAMESPACE, &body));
+        assert_eq!(id.get_version_num(), 5);
     }
 
     fn body_json(verdict: &Verdict) -> serde_json::Value {

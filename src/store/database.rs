@@ -50,6 +50,10 @@ impl Database {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            // No ping before every transaction: it cost a round trip (and two
+            // wake-ups) each time, and a dead connection is found by the
+            // transaction anyway, which closes it and retries (apply::retry).
+            .test_before_acquire(false)
             // Keep only a connection that satisfies target_session_attrs: a host
             // can turn standby between two connections.
             .after_connect(move |connection, _| {

@@ -59,10 +59,18 @@ impl Scenario {
         } else {
             Names::random()
         };
-        let pool = qty_worker::store::open_prepared(&names.database_url(), 4)
+        qty_worker::store::open_prepared(&names.database_url(), 1)
             .await
             .expect("create the database")
-            .pool;
+            .pool
+            .close()
+            .await;
+        // A pool of the harness's own, apart from the worker's settings: it pings
+        // a connection before lending it (sqlx's default), so a session a fault
+        // killed is replaced rather than failing the harness's next query.
+        let pool = PgPool::connect(&names.database_url())
+            .await
+            .expect("connect the harness's pool");
         let mut created = Vec::with_capacity(items);
         for _ in 0..items {
             let id = Uuid::new_v4();
@@ -292,10 +300,12 @@ impl Scenario {
 
     /// Ledger rows recorded so far.
     pub async fn recorded(&self) -> usize {
-        let rows: i64 = sqlx::query_scalar("select count(*) from adjustments")
-            .fetch_one(&self.pool)
-            .await
-            .unwrap_or(0);
+        // Asked again on failure, never read as 0: a count that failed once
+        // while a fault was on made the next one look like progress.
+        let rows: i64 = eventually("the ledger counted", Duration::from_secs(30), || {
+            sqlx::query_scalar("select count(*) from adjustments").fetch_one(&self.pool)
+        })
+        .await;
         rows as usize
     }
 
