@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One backlog drain: publish N requests with no worker running, start W workers,
 # time the drain from the first reply to the last, and report the workers' peak
-# RSS and the CPU time each process spent (seconds, in `cpu_secs`). Extra
+# RSS, the CPU time each process spent (seconds, in `cpu_secs`) and the workers'
+# context switches (`worker_context_switches`). Extra
 # arguments go to `qty-worker bench`. QTY_BIN picks the binary (default
 # target/release/qty-worker); WORKER_CMD runs another worker instead.
 #
