@@ -49,7 +49,7 @@ export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db QTY_EXCHANGE=bench-ra
 http=127.0.0.1:19465
 target/release/qty-worker run --log-format json --http-addr $http 2>/dev/null &
 worker=$!
-trap 'kill -TERM $worker 2>/dev/null; wait $worker; bench/forget-names.sh "$QTY_EXCHANGE" "$QTY_QUEUE"; psql -q -h 127.0.0.1 -U postgres -c "drop database if exists $db" postgres' EXIT
+trap 'kill -TERM $worker 2>/dev/null; wait $worker || true; bench/forget-names.sh "$QTY_EXCHANGE" "$QTY_QUEUE"; psql -q -h 127.0.0.1 -U postgres -c "drop database if exists $db" postgres' EXIT
 for _ in $(seq 1 100); do
   curl -fs "http://$http/readyz" >/dev/null && break
   kill -0 $worker || { echo "the worker exited" >&2; exit 1; }
