@@ -45,14 +45,8 @@ done < "$fifo"
 cat "$fifo" > /dev/null &
 
 # CPU use, in clock ticks, so runs can be compared per message as well as per second.
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-# Context switches of all a process's threads: each is a hand-off between threads
-# (or a wait for the network), and on a virtual machine each costs microseconds.
-switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'; }
-busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
-broker_pid=$(pgrep -o beam.smp || echo 0)
-# PostgreSQL's processes: the server's own and the backends serving the runs.
-database() { local sum=0; for pid in $(pgrep -u postgres); do sum=$((sum + $(ticks "$pid"))); done; echo $sum; }
+source bench/cpu.sh
+broker_pid=$(find_broker)
 broker_before=$(ticks "$broker_pid") bench_before=$(ticks "$bench_pid") busy_before=$(busy)
 database_before=$(database)
 

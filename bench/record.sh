@@ -55,10 +55,8 @@ for _ in $(seq 1 100); do
   kill -0 $worker || { echo "the worker exited" >&2; exit 1; }
   sleep 0.1
 done
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
-broker_pid=$(pgrep -o beam.smp || echo 0)
-database() { local sum=0; for pid in $(pgrep -u postgres); do sum=$((sum + $(ticks "$pid" 2>/dev/null || echo 0))); done; echo $sum; }
+source bench/cpu.sh
+broker_pid=$(find_broker)
 # CPU µs per request from a tick count over the run.
 per_request() { echo $(( $1 * 1000000 / $(getconf CLK_TCK) / $2 )); }
 fixed_rates() {
@@ -66,12 +64,12 @@ fixed_rates() {
   for rate in ${RATES:-1000 $half}; do
     n=$((rate * 5))
     client=$(ticks $worker) broker=$(ticks "$broker_pid") database=$(database)
-    read -r busy_before total_before < <(busy)
+    busy_before=$(busy) total_before=$(elapsed)
     # The window includes the bench creating its 1,000 items: under 3 µs a
     # request of database CPU, as the broker-only runs show. The bench itself is
     # left out: its figure would include that set-up.
     target/release/qty-worker bench --json --rate "$rate" --messages $n --items 1000 > "$out/rate.json"
-    read -r busy_after total_after < <(busy)
+    busy_after=$(busy) total_after=$(elapsed)
     client=$(per_request $(( $(ticks $worker) - client )) $n)
     broker=$(per_request $(( $(ticks "$broker_pid") - broker )) $n)
     database=$(per_request $(( $(database) - database )) $n)
