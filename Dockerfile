@@ -1,7 +1,11 @@
 # Multi-stage build: compile in the full Rust image, run in a slim one as non-root.
+# The build stage copies exactly what `cargo build --locked` needs to load the
+# workspace (its member crates/test-support included) and build the binary;
+# `scripts/check-image-context` rebuilds this stage's context without Docker.
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY crates crates
 COPY src src
 COPY migrations migrations
 # e.g. `docker compose build --build-arg FEATURES=otlp` for OpenTelemetry export.

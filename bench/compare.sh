@@ -15,7 +15,7 @@ results=$(mktemp)
 for round in $(seq 1 "$rounds"); do
   for side in base cand; do
     bin=$base; [ "$side" = cand ] && bin=$cand
-    # The bench migrates the database, so it must be the worker's own binary.
+    # Each side migrates its own database with its own binary.
     report=$(QTY_BIN=$bin bench/drain.sh 1 "" "$@")
     echo "$report" | python3 -c "import json,sys; r=json.load(sys.stdin); print('$side', r['throughput_per_sec'], r['invariants_hold'], r['cpu_secs']['workers'] * 1e6 / r['messages'])" >> "$results"
     echo "round $round $side: $(echo "$report" | python3 bench/figure.py)"

@@ -33,6 +33,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The bench, like every operator command, needs a database `migrate` made.
+"$bin" migrate --log-format json 2> "$log/migrate.log" || { cat "$log/migrate.log" >&2; exit 1; }
+
 pids=()
 fifo=$log/bench.err
 mkfifo "$fifo"

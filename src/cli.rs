@@ -40,6 +40,60 @@ pub enum Command {
     Bench(BenchCommand),
 }
 
+/// A setting `run` or `migrate` refused at parse time (a value out of range, say),
+/// as the one line the contract promises: the setting's environment name and
+/// what was wrong, to be logged in the chosen format. `None` for everything else
+/// (help, a typo in a flag, another subcommand), which clap reports as usual.
+pub fn refused_setting(error: &clap::Error, args: &[String]) -> Option<(String, String)> {
+    use clap::CommandFactory as _;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        error.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return None;
+    }
+    let subcommand = args.iter().skip(1).find(|a| !a.starts_with('-'))?;
+    if subcommand != "run" && subcommand != "migrate" {
+        return None;
+    }
+    let Some(ContextValue::String(flag)) = error.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let long = flag.trim_start_matches('-').split([' ', '=']).next()?;
+    let command = Cli::command();
+    let arg = command
+        .find_subcommand(subcommand)?
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))?;
+    let setting = arg.get_env()?.to_str()?.to_owned();
+    // clap's own text, first line only, without its "error: " prefix.
+    let rendered = error.render().to_string();
+    let reason = rendered
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_owned();
+    Some((setting, reason))
+}
+
+/// The log format `args` and the environment ask for, read without clap (for a
+/// setting clap refused before it could tell).
+pub fn requested_log_format(args: &[String]) -> Option<crate::settings::LogFormat> {
+    use clap::ValueEnum as _;
+    let mut given = std::env::var("QTY_LOG_FORMAT").ok();
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        if let Some(value) = word.strip_prefix("--log-format=") {
+            given = Some(value.to_owned());
+        } else if word == "--log-format" {
+            given = words.next().cloned();
+        }
+    }
+    crate::settings::LogFormat::from_str(&given?, true).ok()
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     #[command(flatten)]

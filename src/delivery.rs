@@ -8,6 +8,7 @@
 
 use crate::ack::Acks;
 use crate::apply::{Applier, Pending};
+use crate::broker::header_text;
 use crate::decode::{Invalid, RequestProps, decode};
 use crate::health::Health;
 use crate::log_budget::LogBudget;
@@ -18,7 +19,6 @@ use crate::trace::{TraceParent, join_exported_trace, new_span_id};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use lapin::message::Delivery;
-use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -34,6 +34,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Warnings about invalid requests, so a flood of them cannot flood the log.
     pub invalid_log: LogBudget,
+    /// Warnings about replies given up, likewise.
+    pub refused_log: LogBudget,
 }
 
 /// The broker session a delivery came in on.
@@ -199,16 +201,20 @@ async fn process(
     };
     ctx.metrics.record(&verdict);
 
-    let confirmed = reply::send_until_confirmed(
+    let reporting = reply::Reporting {
+        metrics: &ctx.metrics,
+        refused_log: &ctx.refused_log,
+    };
+    let delivered = reply::send_until_confirmed(
         &link.replies,
         &ctx.exchange,
         route,
         &verdict,
         &link.lost,
-        &ctx.metrics,
+        &reporting,
     )
     .await;
-    if !confirmed {
+    if delivered == reply::Delivered::Lost {
         return Settled::Abandoned;
     }
     // Per request, so debug: at thousands a second an info line each costs ~10%.
@@ -237,13 +243,7 @@ fn delivery_span(properties: &BasicProperties, trace: Option<&TraceParent>) -> S
 
 /// The request's W3C `traceparent` header, when it has a valid one.
 fn request_traceparent(properties: &BasicProperties) -> Option<TraceParent> {
-    let headers = properties.headers().as_ref()?;
-    let text = match headers.inner().get("traceparent")? {
-        AMQPValue::LongString(text) => String::from_utf8_lossy(text.as_bytes()).into_owned(),
-        AMQPValue::ShortString(text) => text.to_string(),
-        _ => return None,
-    };
-    TraceParent::parse(&text)
+    TraceParent::parse(&header_text(properties, "traceparent")?)
 }
 
 fn short_property(value: &Option<lapin::types::ShortString>) -> Option<String> {

@@ -58,6 +58,8 @@ async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
     state
         .metrics
         .observe_pool(state.db.pool.size(), state.db.pool.num_idle());
+    let (ready, _) = state.health.report();
+    state.metrics.ready.set(i64::from(ready));
     (
         [(
             header::CONTENT_TYPE,

@@ -21,6 +21,7 @@
 
 pub mod ack;
 pub mod apply;
+pub mod backoff;
 pub mod bench;
 pub mod broker;
 pub mod cli;

@@ -5,20 +5,23 @@ use qty_worker::settings::{LogFormat, SettingError, Settings};
 use qty_worker::{commands, telemetry};
 use std::process::ExitCode;
 
-/// jemalloc rather than the system allocator: a request makes about 60
-/// allocations (most of them in the AMQP client), and jemalloc's per-thread
-/// caches take a tenth off the worker's instructions per request (callgrind,
-/// BENCHMARKS.md).
+/// jemalloc rather than the system allocator: a request makes dozens of small
+/// allocations (most of them in the AMQP client), which jemalloc's per-thread
+/// caches serve cheaply (BENCHMARKS.md has the measurement).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// One runtime thread. The AMQP client does its I/O on a thread of its own, and
-/// PostgreSQL and RabbitMQ need the cores too: a second runtime thread only added
-/// wake-ups between the two (CPU per request 34 → 29 µs with one, BENCHMARKS.md).
-/// One thread carries far more than the broker and database can confirm.
+/// PostgreSQL and RabbitMQ need the cores too: a second runtime thread only adds
+/// wake-ups between the two, and one carries far more than the broker and the
+/// database can confirm (BENCHMARKS.md).
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<String> = std::env::args().collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(error) => return refused(error, &args),
+    };
     let (log_format, otlp_endpoint, default_filter) = logging(&cli.command);
     let quiet = !matches!(cli.command, Command::Run(_) | Command::Migrate(_));
     let _telemetry = match telemetry::init(log_format, default_filter, otlp_endpoint.as_deref()) {
@@ -81,6 +84,21 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     })
+}
+
+/// What clap refused. A setting of `run` or `migrate` out of range is one line
+/// naming the setting, in the chosen log format (contract §1), exit 2; anything
+/// else is clap's own message (help and version exit 0, usage errors 2).
+fn refused(error: clap::Error, args: &[String]) -> ExitCode {
+    let Some((setting, reason)) = qty_worker::cli::refused_setting(&error, args) else {
+        error.exit()
+    };
+    let format = qty_worker::cli::requested_log_format(args);
+    match telemetry::init(format, "info", None) {
+        Ok(_guard) => tracing::error!(setting, "{setting}: {reason}"),
+        Err(_) => eprintln!("error: {setting}: {reason}"),
+    }
+    ExitCode::from(2)
 }
 
 /// The log format, OTLP endpoint and default filter of a command. The operator

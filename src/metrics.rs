@@ -1,4 +1,4 @@
-//! The worker's Prometheus metrics and its health flags. Each worker owns its own
+//! The worker's Prometheus metrics (readiness itself lives in `health`). Each worker owns its own
 //! registry (no process-global recorder), so several workers in one test process
 //! report separately. Every family is there from the start, with a zero series
 //! for each known label value (contract §7), so alerts see them before any event.
@@ -38,6 +38,8 @@ pub struct Metrics {
     pub set_aside: Gauge,
     pub lock_waits_timed_out: Counter,
     pub replies_unroutable: Counter,
+    pub replies_refused: Counter,
+    pub ready: Gauge,
 }
 
 /// The dependencies `dependency_errors` and `reconnects` are labelled with.
@@ -148,7 +150,21 @@ impl Metrics {
         for state in ["busy", "idle"] {
             drop(db_connections.get_or_create(&PoolLabels { state }));
         }
+        let replies_refused = Counter::default();
+        registry.register(
+            "replies_refused",
+            "Replies the broker kept refusing (nack, e.g. a full reply_to queue) and that were given up; the request was still acked",
+            replies_refused.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 while the worker is ready (what /readyz last found: database writable, consuming, topology there), else 0",
+            ready.clone(),
+        );
         Metrics {
+            replies_refused,
+            ready,
             set_aside,
             lock_waits_timed_out,
             replies_unroutable,

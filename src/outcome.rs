@@ -185,8 +185,8 @@ impl Verdict {
 
 /// The UUIDv5 of `name` in `namespace`, as `Uuid::new_v5` computes it, but with
 /// the `sha1` crate, which uses the CPU's SHA instructions where it has them.
-/// `Uuid::new_v5` hashes in portable code: a fifteenth of the worker's
-/// instructions per request, and 280 ns an id against 148 (BENCHMARKS.md).
+/// `Uuid::new_v5` hashes in portable code, a visible share of the worker's
+/// instructions per request (BENCHMARKS.md).
 fn uuid_v5(namespace: &Uuid, name: &[u8]) -> Uuid {
     let digest = Sha1::new()
         .chain_update(namespace.as_bytes())

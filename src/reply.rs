@@ -4,9 +4,12 @@
 //! Replies are published `mandatory`: one the broker cannot route (a `reply_to`
 //! naming no queue) comes back to us. It is counted and logged, and the request
 //! is still acked: its outcome is in the ledger, and a retry with the same
-//! `message_id` gets the same reply.
+//! `message_id` gets the same reply. A reply the broker refuses (a nack) is
+//! tried a few times within about a second and then given up the same way.
 
+use crate::backoff::Backoff;
 use crate::broker::short;
+use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
 use crate::outcome::Verdict;
 use lapin::options::BasicPublishOptions;
@@ -96,18 +99,47 @@ pub async fn send(
     }
 }
 
-/// Publishes the reply until it is confirmed, and returns false if the session
-/// was lost first. A refused publish on a live channel is retried: giving up would
-/// leave the delivery unacked on a channel that may live for days.
+/// A reply the broker refuses (a nack: a `reply_to` queue at its length limit
+/// with `x-overflow: reject-publish`, say) is tried again this often, waiting
+/// 50, 100, 200 and 400 ms between tries, then given up: one client that cannot
+/// take its replies must not keep a delivery slot for ever (contract §4).
+const REFUSED_TRIES: u32 = 5;
+const REFUSED_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(50), Duration::from_millis(400));
+/// Any other failure to publish on a live channel is the broker's, not one
+/// client's: it is retried until it passes or the session is lost.
+const FAILED_BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+
+/// How a reply ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// Confirmed by the broker: routed, returned as unroutable, or refused
+    /// REFUSED_TRIES times and given up. Either way the request may be acked:
+    /// its outcome is recorded, and a retry gets the stored reply.
+    Settled,
+    /// The session was lost first: the delivery will come again.
+    Lost,
+}
+
+/// What the reply loop reports to and logs through.
+pub struct Reporting<'a> {
+    pub metrics: &'a Metrics,
+    /// Warnings about replies given up, so a stalled client cannot flood the log.
+    pub refused_log: &'a LogBudget,
+}
+
+/// Publishes the reply until the broker settles it (see [`Delivered`]).
 pub async fn send_until_confirmed(
     channel: &Channel,
     exchange: &str,
     route: &ReplyRoute,
     verdict: &Verdict,
     lost: &CancellationToken,
-    metrics: &Metrics,
-) -> bool {
-    let mut backoff = Duration::from_millis(50);
+    reporting: &Reporting<'_>,
+) -> Delivered {
+    let mut refused = 0;
+    let mut refused_backoff = REFUSED_BACKOFF;
+    let mut failed_backoff = FAILED_BACKOFF;
     loop {
         // Boxed: nested in the per-delivery future, this future's state would be
         // copied at each level and make that future several kilobytes, past the
@@ -115,11 +147,11 @@ pub async fn send_until_confirmed(
         let sent = lost
             .run_until_cancelled(Box::pin(send(channel, exchange, route, verdict)))
             .await;
-        match sent {
-            None => return false,
-            Some(Ok(Sent::Routed)) => return true,
+        let wait = match sent {
+            None => return Delivered::Lost,
+            Some(Ok(Sent::Routed)) => return Delivered::Settled,
             Some(Ok(Sent::Unroutable)) => {
-                metrics.replies_unroutable.inc();
+                reporting.metrics.replies_unroutable.inc();
                 match &route.reply_to {
                     Some(reply_to) => tracing::warn!(
                         reply_to,
@@ -128,27 +160,44 @@ pub async fn send_until_confirmed(
                     // Events nobody listens to are a deployment's choice, not a fault.
                     None => tracing::debug!("reply event unroutable: no queue bound for it"),
                 }
-                return true;
+                return Delivered::Settled;
+            }
+            Some(Err(ReplyError::Nacked)) => {
+                refused += 1;
+                if refused == REFUSED_TRIES {
+                    reporting.metrics.replies_refused.inc();
+                    let (log, suppressed) = reporting.refused_log.take(std::time::Instant::now());
+                    if log {
+                        tracing::warn!(
+                            reply_to = route.reply_to.as_deref(),
+                            tries = REFUSED_TRIES,
+                            suppressed_before = suppressed,
+                            "reply refused by the broker (a full reply_to queue?); given up, the request is acked and its outcome stays in the ledger"
+                        );
+                    }
+                    return Delivered::Settled;
+                }
+                refused_backoff.fail()
             }
             Some(Err(error)) => {
-                metrics.dependency_error("broker");
+                reporting.metrics.dependency_error("broker");
                 tracing::warn!(%error, "reply not confirmed");
                 if !channel.status().connected() {
                     // The broker closed the reply channel (say, the exchange was
                     // deleted under us). Give up the whole session: the worker
                     // reconnects and re-declares, and this delivery comes again.
                     lost.cancel();
-                    return false;
+                    return Delivered::Lost;
                 }
-                if lost
-                    .run_until_cancelled(tokio::time::sleep(backoff))
-                    .await
-                    .is_none()
-                {
-                    return false;
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                failed_backoff.fail()
             }
+        };
+        if lost
+            .run_until_cancelled(tokio::time::sleep(wait))
+            .await
+            .is_none()
+        {
+            return Delivered::Lost;
         }
     }
 }

@@ -13,8 +13,7 @@ pub const DEFAULT_PREFETCH: u16 = 1000;
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 10;
 
 /// PostgreSQL connections (and concurrent transactions) unless `--db-pool` says
-/// otherwise. Two, not four: on the 2-core benchmark machine fewer, larger
-/// transactions drained 1.27× faster and halved the latency at 4,000/s
+/// otherwise. Two: fewer, larger transactions cost the database less
 /// (BENCHMARKS.md).
 pub const DEFAULT_DB_POOL: u32 = 2;
 

@@ -8,6 +8,7 @@
 
 use crate::ack::{self, Acks};
 use crate::apply::Applier;
+use crate::backoff::Backoff;
 use crate::broker::{Addresses, DeclareError, Topology};
 use crate::delivery::{self, Context, Link};
 use crate::health::{BrokerState, DatabaseState, Health};
@@ -31,11 +32,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Waits between attempts to reach a dependency at start and after a loss.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
-/// Invalid requests logged at warn per minute; the rest are counted in the next
-/// warning (and always in `qty_worker_adjustments_total`).
+/// Invalid requests (and, apart, replies given up) logged at warn per minute; the
+/// rest are counted in the next warning (and always in the metrics).
 const INVALID_WARNINGS_PER_MINUTE: u32 = 20;
 
 /// A worker with its settings checked and its HTTP listener bound. It has not
@@ -95,6 +96,7 @@ impl Worker {
             health,
             metrics,
             invalid_log: LogBudget::new(INVALID_WARNINGS_PER_MINUTE, Duration::from_secs(60)),
+            refused_log: LogBudget::new(INVALID_WARNINGS_PER_MINUTE, Duration::from_secs(60)),
         });
         Ok(Worker {
             settings,
@@ -128,7 +130,7 @@ impl Worker {
         // A tracker rather than a JoinSet: nothing needs a handler's result, and a
         // JoinSet woke this loop once per finished delivery to collect it.
         let in_flight = TaskTracker::new();
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = BACKOFF;
         let mut lost_before = false;
         loop {
             let session = tokio::select! {
@@ -147,7 +149,7 @@ impl Worker {
                                 .set_broker(BrokerState::ConfigurationConflict(what.clone()));
                             tracing::warn!(
                                 conflict = %what,
-                                retry_in_ms = backoff.as_millis() as u64,
+                                retry_in_ms = backoff.peek().as_millis() as u64,
                                 "broker: configuration conflict: the worker's declare differs from what exists; settle it (delete the queue, or align the settings)"
                             );
                         }
@@ -155,20 +157,19 @@ impl Worker {
                             self.ctx.health.set_broker(BrokerState::Down);
                             tracing::warn!(
                                 error = %other,
-                                retry_in_ms = backoff.as_millis() as u64,
+                                retry_in_ms = backoff.peek().as_millis() as u64,
                                 "broker unavailable"
                             );
                         }
                     }
                     tokio::select! {
                         () = &mut shutdown => break,
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(backoff.fail()) => {}
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
                 }
             };
-            backoff = FIRST_BACKOFF;
+            backoff.reset();
             if lost_before {
                 self.ctx.metrics.reconnected("broker");
             }
@@ -204,7 +205,7 @@ impl Worker {
     /// Finds a usable database host, creates the database if it is missing and
     /// migrates it, retrying with capped backoff and one warning per attempt.
     async fn wait_for_database(&self) {
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = BACKOFF;
         loop {
             match self.db.prepare().await {
                 Ok(()) => {
@@ -218,11 +219,10 @@ impl Worker {
                     tracing::warn!(
                         %error,
                         url = %self.db.target.shown,
-                        retry_in_ms = backoff.as_millis() as u64,
+                        retry_in_ms = backoff.peek().as_millis() as u64,
                         "database unavailable; waiting for it"
                     );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    tokio::time::sleep(backoff.fail()).await;
                 }
             }
         }

@@ -1,7 +1,8 @@
 //! Property tests over the decoder: whatever bytes and properties arrive, decoding
 //! ends in a request or a named rejection, never a panic; valid requests always
-//! decode to what was sent. (`cargo fuzz` needs a nightly toolchain, which this
-//! project's machines do not have, so proptest stands in for it.)
+//! decode to what was sent. These run with every `cargo test`; the coverage-guided
+//! fuzz target over the same decoder is `fuzz/` (`cargo fuzz run -s none decode`,
+//! on the stable toolchain; CI runs it for a minute).
 //!
 //! `PROPTEST_CASES=1000000 cargo test --release --test decode_props` runs long.
 

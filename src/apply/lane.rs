@@ -13,6 +13,7 @@
 //! would stall the lane's other items each time. Only the first encounter waits.
 
 use super::{Shared, Submitted, retry};
+use crate::backoff::Backoff;
 use crate::store::Answer;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -21,8 +22,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-const FIRST_RETRY: Duration = Duration::from_millis(100);
-const MAX_RETRY: Duration = Duration::from_secs(2);
+/// Retries of a locked item: soon at first, then at most every 2 s.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
 /// A retry only takes a lock that is free (the shortest wait PostgreSQL has).
 const RETRY_LOCK_WAIT: Duration = Duration::from_millis(1);
 
@@ -40,7 +41,7 @@ struct Lane {
     retry: VecDeque<Submitted>,
     parked: HashMap<Uuid, Parked>,
     /// The retry delay of items found locked lately; forgotten once applied.
-    backoff: HashMap<Uuid, Duration>,
+    backoff: HashMap<Uuid, Backoff>,
 }
 
 pub(super) async fn run(mut inbox: mpsc::UnboundedReceiver<Submitted>, shared: Arc<Shared>) {
@@ -203,11 +204,7 @@ impl Lane {
             *queue = others;
             waiting.extend(later);
         }
-        let delay = *self
-            .backoff
-            .entry(item)
-            .and_modify(|d| *d = (*d * 2).min(MAX_RETRY))
-            .or_insert(FIRST_RETRY);
+        let delay = self.backoff.entry(item).or_insert(RETRY).fail();
         self.shared.metrics.set_aside.inc_by(waiting.len() as i64);
         tracing::debug!(%item, requests = waiting.len(), retry_in_ms = delay.as_millis() as u64, "item locked elsewhere; set aside");
         if let Some(parked) = self.parked.get_mut(&item) {

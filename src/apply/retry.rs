@@ -3,15 +3,15 @@
 //! and replays them, so retrying is always safe.
 
 use super::Shared;
+use crate::backoff::Backoff;
 use crate::decode::Request;
 use crate::health::DatabaseState;
 use crate::store::{self, Answer, StoreError};
 use std::time::Duration;
 
-const FIRST_BACKOFF: Duration = Duration::from_millis(50);
-/// Short, so a database back from a restart or failover is used within a
+/// Capped short, so a database back from a restart or failover is used within a
 /// second; the warnings thin out instead (see `worth_logging`).
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
 
 /// Runs `qty_adjust` on `requests` until it passes or fails for good. While the
 /// database refuses writes or cannot be reached, the next host of `DATABASE_URL`
@@ -21,7 +21,7 @@ pub(super) async fn adjust(
     requests: &[&Request],
     lock_wait: Duration,
 ) -> Result<Vec<Answer>, StoreError> {
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = BACKOFF;
     let mut failed = false;
     let mut attempt: u32 = 0;
     loop {
@@ -46,16 +46,15 @@ pub(super) async fn adjust(
                 }
                 let log = worth_logging(attempt);
                 if log {
-                    tracing::warn!(%error, attempt, retry_in_ms = backoff.as_millis() as u64, "database unavailable; retrying");
+                    tracing::warn!(%error, attempt, retry_in_ms = backoff.peek().as_millis() as u64, "database unavailable; retrying");
                 }
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(backoff.fail()).await;
                 if error.spoils_connection()
                     && let Err(none) = shared.db.relocate().await
                     && log
                 {
                     tracing::warn!(error = %none, "no database host accepts writes yet");
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
             Err(permanent) => return Err(permanent),
         }

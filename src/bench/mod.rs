@@ -7,15 +7,14 @@
 mod mix;
 mod report;
 
-pub use mix::Mix;
 use mix::{Planned, plan};
 use report::summarize;
 pub use report::{Latency, Report};
 
 use crate::broker::{self, REQUEST_ROUTING_KEY, short};
-use crate::settings::Connections;
+use crate::settings::{Connections, SettingError};
 use crate::store;
-use anyhow::{Context as _, ensure};
+use anyhow::Context as _;
 use clap::Args;
 use futures::StreamExt as _;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -27,22 +26,35 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+/// The largest delta the bench draws: far beyond any real stock, and small enough
+/// that the span of a delta range fits a `u64`.
+const MAX_DELTA: i64 = 1_000_000_000_000_000;
+
+/// A count of at least one.
+fn positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// Requests to publish (duplicates included).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = positive)]
     pub messages: usize,
     /// Distinct items to spread requests over.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = positive)]
     pub items: usize,
     /// Share of requests (0..1) that go to the first item, the hot one.
     #[arg(long, default_value_t = 0.0)]
     pub hot_share: f64,
-    /// Smallest delta.
-    #[arg(long, default_value_t = -3, allow_negative_numbers = true)]
+    /// Smallest delta (at least -1e15, so that a range of deltas stays countable).
+    #[arg(long, default_value_t = -3, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(-MAX_DELTA..=MAX_DELTA))]
     pub delta_min: i64,
-    /// Largest delta.
-    #[arg(long, default_value_t = 2, allow_negative_numbers = true)]
+    /// Largest delta (at most 1e15).
+    #[arg(long, default_value_t = 2, allow_negative_numbers = true, value_parser = clap::value_parser!(i64).range(-MAX_DELTA..=MAX_DELTA))]
     pub delta_max: i64,
     /// Share of requests (0..1) that repeat an earlier message_id and payload.
     #[arg(long, default_value_t = 0.0)]
@@ -59,7 +71,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
     pub start_qty: i64,
     /// Unconfirmed publishes allowed at once.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = positive)]
     pub publish_window: usize,
     /// Seconds to wait for the last reply after the last publish.
     #[arg(long, default_value_t = 120)]
@@ -73,17 +85,11 @@ pub struct BenchArgs {
 }
 
 pub async fn run(connections: &Connections, args: BenchArgs) -> anyhow::Result<Report> {
-    ensure!(
-        args.items > 0 && args.messages > 0,
-        "--items and --messages must be positive"
-    );
-    ensure!(
-        args.delta_min <= args.delta_max,
-        "--delta-min must not exceed --delta-max"
-    );
-    let pool = store::open_prepared(connections.database_url(), 2)
-        .await?
-        .pool;
+    if args.delta_min > args.delta_max {
+        return Err(SettingError::new("--delta-min", "must not exceed --delta-max").into());
+    }
+    // Like every operator command, the bench uses a database `migrate` made.
+    let pool = store::open_existing(connections.database_url()).await?;
     let mut items = Vec::with_capacity(args.items);
     for _ in 0..args.items {
         items.push(
@@ -217,7 +223,7 @@ async fn publish_all(
             pending
                 .next()
                 .await
-                .expect("pending is not empty")
+                .context("a pending publish")?
                 .context("publish not confirmed")?;
         }
     }

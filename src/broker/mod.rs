@@ -53,6 +53,17 @@ pub async fn consume_without_acks(channel: &Channel, queue: &str) -> lapin::Resu
         .await
 }
 
+/// A text header of a message (short or long string), lossily as UTF-8.
+pub fn header_text(properties: &lapin::BasicProperties, name: &str) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        lapin::types::AMQPValue::LongString(text) => {
+            Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
+        }
+        lapin::types::AMQPValue::ShortString(text) => Some(text.to_string()),
+        _ => None,
+    }
+}
+
 /// A short string from text that came from the broker or from validated settings.
 pub fn short(value: &str) -> ShortString {
     ShortString::from(value)

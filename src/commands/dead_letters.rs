@@ -7,7 +7,7 @@ use crate::broker::{self, Topology, short};
 use crate::settings::BrokerArgs;
 use anyhow::Context as _;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 use std::process::ExitCode;
@@ -136,14 +136,7 @@ async fn take_all(channel: &Channel, queue: &str) -> anyhow::Result<Vec<lapin::m
 }
 
 fn describe(message: &lapin::message::Delivery) -> DeadLetter {
-    let headers = message.properties.headers().clone().unwrap_or_default();
-    let reason = match headers.inner().get("x-first-death-reason") {
-        Some(AMQPValue::LongString(text)) => {
-            Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
-        }
-        Some(AMQPValue::ShortString(text)) => Some(text.to_string()),
-        _ => None,
-    };
+    let reason = crate::broker::header_text(&message.properties, "x-first-death-reason");
     let mut body = String::from_utf8_lossy(&message.data).into_owned();
     if body.len() > 200 {
         body.truncate(body.floor_char_boundary(200));

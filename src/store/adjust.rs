@@ -1,11 +1,11 @@
 //! The hot path: one call of the `qty_adjust` function (see `migrations/`) records
 //! and applies a batch of requests in one transaction.
 
-use super::{Database, StoreError};
+use super::{Database, StoreError, literal};
 use crate::decode::Request;
 use crate::outcome::{Outcome, Reason};
+use sqlx::FromRow as _;
 use std::time::Duration;
-use uuid::Uuid;
 
 /// The database's answer for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,20 +41,18 @@ pub async fn adjust(
     requests: &[&Request],
     lock_wait: Duration,
 ) -> Result<Vec<Answer>, StoreError> {
-    let message_ids: Vec<&str> = requests.iter().map(|r| r.message_id.as_str()).collect();
-    let item_ids: Vec<Uuid> = requests.iter().map(|r| r.item_id).collect();
-    let deltas: Vec<i64> = requests.iter().map(|r| r.delta).collect();
     let lock_wait_ms = i32::try_from(lock_wait.as_millis()).unwrap_or(i32::MAX);
+    let call = call_text(requests, lock_wait_ms);
     let mut connection = db.pool.acquire().await?;
-    let rows: Result<Vec<AdjustRow>, _> = sqlx::query_as(
-        "select pos, outcome, reason, qty_after, replayed from qty_adjust($1, $2, $3, $4) order by pos",
-    )
-    .bind(&message_ids)
-    .bind(&item_ids)
-    .bind(&deltas)
-    .bind(lock_wait_ms)
-    .fetch_all(&mut *connection)
-    .await;
+    // One simple query, not a prepared statement: see `literal` (PgBouncer).
+    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(call))
+        .fetch_all(&mut *connection)
+        .await
+        .and_then(|rows| {
+            rows.iter()
+                .map(AdjustRow::from_row)
+                .collect::<Result<Vec<_>, _>>()
+        });
     let rows = rows.map_err(|error| {
         let error = StoreError::from(error);
         if error.spoils_connection() {
@@ -75,6 +73,16 @@ pub async fn adjust(
         ))));
     }
     rows.into_iter().map(AdjustRow::into_answer).collect()
+}
+
+/// The `qty_adjust` call for `requests`, its arguments written as literals.
+fn call_text(requests: &[&Request], lock_wait_ms: i32) -> String {
+    format!(
+        "select pos, outcome, reason, qty_after, replayed from qty_adjust({}, {}, {}, {lock_wait_ms}) order by pos",
+        literal::text_array(requests.iter().map(|r| Some(r.message_id.as_str()))),
+        literal::uuid_array(requests.iter().map(|r| r.item_id)),
+        literal::bigint_array(requests.iter().map(|r| r.delta)),
+    )
 }
 
 impl AdjustRow {

@@ -5,8 +5,8 @@
 //! Nothing here connects at construction: the worker starts, serves `/readyz`
 //! (503) and waits with backoff while the database is not there yet.
 
-use super::StoreError;
 use super::target::{NoHost, Target, describe};
+use super::{StoreError, literal};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Connection as _, PgConnection};
 use std::sync::Arc;
@@ -78,7 +78,8 @@ impl Database {
         let admin = self.target.locate(Some("postgres")).await?;
         create_database_if_missing(admin, &self.target.database()).await?;
         self.pool.set_connect_options(self.target.options());
-        super::migrate(&self.pool)
+        let connection = self.target.locate(None).await?;
+        super::migrate(connection)
             .await
             .map_err(|e| PrepareError::Migrate(format!("{e:#}")))
     }
@@ -106,10 +107,11 @@ impl Database {
     pub async fn writability(&self, within: Duration) -> Writability {
         let probe = async {
             let mut connection = self.pool.acquire().await?;
-            let writable: bool =
-                sqlx::query_scalar("select current_setting('transaction_read_only') = 'off'")
-                    .fetch_one(&mut *connection)
-                    .await?;
+            let writable: bool = simple_scalar(
+                &mut connection,
+                "select current_setting('transaction_read_only') = 'off'",
+            )
+            .await?;
             if !writable {
                 connection.close_on_drop();
             }
@@ -135,15 +137,18 @@ async fn create_database_if_missing(
         database: name.to_owned(),
         message: describe(&error),
     };
-    let exists: bool =
-        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
-            .bind(name)
-            .fetch_one(&mut admin)
-            .await
-            .map_err(failed)?;
+    let exists: bool = simple_scalar(
+        &mut admin,
+        &format!(
+            "select exists (select 1 from pg_database where datname = {})",
+            literal::text(name)
+        ),
+    )
+    .await
+    .map_err(failed)?;
     if !exists {
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-        let created = sqlx::query(sqlx::AssertSqlSafe(format!("create database {quoted}")))
+        let created = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("create database {quoted}")))
             .execute(&mut admin)
             .await;
         match created {
@@ -158,7 +163,7 @@ async fn create_database_if_missing(
     Ok(())
 }
 
-/// For `migrate`, `bench` and tests: opens `url`, creates and migrates the
+/// For `migrate` and tests: opens `url`, creates and migrates the
 /// database once, without the worker's retries.
 pub async fn open_prepared(url: &str, max_connections: u32) -> anyhow::Result<Database> {
     let database = Database::new(Target::parse(url)?, max_connections);
@@ -167,4 +172,20 @@ pub async fn open_prepared(url: &str, max_connections: u32) -> anyhow::Result<Da
         .await
         .map_err(|error| anyhow::anyhow!("{} ({})", error, database.target.shown))?;
     Ok(database)
+}
+
+/// The first column of the one row `sql` answers, asked as a simple query (no
+/// prepared statement, so PgBouncer's transaction pooling cannot lose it).
+pub(crate) async fn simple_scalar<T>(
+    connection: &mut PgConnection,
+    sql: &str,
+) -> Result<T, sqlx::Error>
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    use sqlx::Row as _;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(connection)
+        .await?
+        .try_get(0)
 }

@@ -197,7 +197,7 @@ impl Target {
             SessionAttrs::ReadWrite => "select current_setting('transaction_read_only') = 'off'",
             SessionAttrs::Primary => "select not pg_is_in_recovery()",
         };
-        sqlx::query_scalar(check).fetch_one(connection).await
+        super::database::simple_scalar(connection, check).await
     }
 
     fn refusal(&self) -> &'static str {

@@ -4,7 +4,6 @@
 //! apply a key twice.
 
 use qty_test_support::app::Names;
-use qty_worker::bench::Mix;
 use qty_worker::decode::Request;
 use qty_worker::store::{self, Adjusted, Answer, Database};
 use sqlx::PgPool;
@@ -54,7 +53,7 @@ impl Drop for TestDb {
 /// fit, that overdraw, that overflow; repeated keys with the same payload and
 /// with another one.
 fn random_stream(seed: u64, len: usize) -> (Vec<(Uuid, i64)>, Vec<Request>) {
-    let mut mix = Mix(seed);
+    let mut mix = fastrand::Rng::with_seed(seed);
     let items: Vec<(Uuid, i64)> = (0..6)
         .map(|n| {
             (
@@ -65,28 +64,28 @@ fn random_stream(seed: u64, len: usize) -> (Vec<(Uuid, i64)>, Vec<Request>) {
         .collect();
     let mut requests: Vec<Request> = Vec::with_capacity(len);
     for n in 0..len {
-        let roll = mix.below(100);
+        let roll = mix.u64(..100);
         if roll < 15 && n > 0 {
-            let earlier = requests[mix.below(n as u64) as usize].clone();
+            let earlier = requests[mix.usize(..n)].clone();
             requests.push(earlier);
             continue;
         }
         if roll < 20 && n > 0 {
-            let mut conflicting = requests[mix.below(n as u64) as usize].clone();
+            let mut conflicting = requests[mix.usize(..n)].clone();
             conflicting.delta = conflicting.delta.wrapping_add(1);
             requests.push(conflicting);
             continue;
         }
-        let item = if mix.below(10) == 0 {
+        let item = if mix.u64(..10) == 0 {
             Uuid::new_v4()
         } else {
-            items[mix.below(items.len() as u64) as usize].0
+            items[mix.usize(..items.len())].0
         };
-        let delta = match mix.below(20) {
+        let delta = match mix.u64(..20) {
             0 => i64::MIN,
             1 => i64::MAX,
             2 => 3,
-            _ => mix.below(13) as i64 - 8,
+            _ => mix.i64(-8..5),
         };
         requests.push(Request {
             message_id: format!("m-{n}"),
@@ -159,8 +158,8 @@ async fn batched_and_unbatched_streams_give_identical_answers_and_state() {
         batched.seed(&items).await;
 
         let single = apply_in_chunks(&one_by_one.db, &requests, || 1).await;
-        let mut mix = Mix(seed ^ 0xABCD);
-        let many = apply_in_chunks(&batched.db, &requests, || 1 + mix.below(60) as usize).await;
+        let mut mix = fastrand::Rng::with_seed(seed ^ 0xABCD);
+        let many = apply_in_chunks(&batched.db, &requests, || 1 + mix.usize(..60)).await;
 
         assert_eq!(single, many, "answers differ for seed {seed}");
         assert_eq!(
@@ -226,13 +225,11 @@ async fn concurrent_overlapping_batches_neither_deadlock_nor_apply_a_key_twice()
     for writer in 0..8u64 {
         let pool = db.db.clone();
         let mut mine = keys.clone();
-        let mut mix = Mix(writer + 1);
+        let mut mix = fastrand::Rng::with_seed(writer + 1);
         for i in (1..mine.len()).rev() {
-            mine.swap(i, mix.below(i as u64 + 1) as usize);
+            mine.swap(i, mix.usize(..=i));
         }
-        writers.spawn(
-            async move { apply_in_chunks(&pool, &mine, || 1 + mix.below(40) as usize).await },
-        );
+        writers.spawn(async move { apply_in_chunks(&pool, &mine, || 1 + mix.usize(..40)).await });
     }
     while let Some(done) = writers.join_next().await {
         done.expect("a writer failed (deadlock or error)");

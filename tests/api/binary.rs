@@ -348,6 +348,9 @@ async fn a_setting_that_can_never_work_exits_2_with_one_line_naming_it() {
         ("AMQP_URL", "amqp://guest:secret@h1,h2/"),
         ("DATABASE_URL", "postgres://u:secret@h1:port/db"),
         ("DATABASE_URL", "mysql://root@h/x"),
+        // Out of range: refused by the parser, still one line in the log format.
+        ("QTY_PREFETCH", "0"),
+        ("QTY_DB_POOL", "100000"),
     ] {
         let (code, _, err) = run_to_end(
             qty_worker(&names)
@@ -362,6 +365,27 @@ async fn a_setting_that_can_never_work_exits_2_with_one_line_naming_it() {
         assert_eq!(line["level"], "ERROR", "{err}");
         assert_eq!(line["fields"]["setting"], setting, "{err}");
         assert!(!err.contains("secret"), "the password leaked: {err}");
+    }
+}
+
+#[test]
+fn bench_flags_that_cannot_work_are_usage_errors() {
+    let names = Names::random();
+    for flags in [
+        vec!["--publish-window", "0"],
+        vec!["--messages", "0"],
+        vec!["--items", "0"],
+        vec![
+            "--delta-min",
+            "-9223372036854775808",
+            "--delta-max",
+            "9223372036854775807",
+        ],
+        vec!["--delta-min", "5", "--delta-max", "1"],
+    ] {
+        let (code, out, err) = run_to_end(qty_worker(&names).arg("bench").args(&flags));
+        assert_eq!(code, 2, "{flags:?}: {out}{err}");
+        assert!(!err.contains("panicked"), "{flags:?}: {err}");
     }
 }
 

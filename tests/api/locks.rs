@@ -3,7 +3,6 @@
 //! item's requests in the order they were delivered.
 
 use qty_test_support::app::TestApp;
-use qty_worker::bench::Mix;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -98,11 +97,11 @@ async fn each_items_replies_match_a_sequential_replay_of_its_requests_in_publish
     for _ in 0..4 {
         items.push(app.create_item(5).await);
     }
-    let mut mix = Mix(77);
+    let mut mix = fastrand::Rng::with_seed(77);
     let requests: Vec<(String, Uuid, i64)> = (0..2_000)
         .map(|n| {
-            let item = items[mix.below(items.len() as u64) as usize];
-            (format!("o-{n}"), item, mix.below(21) as i64 - 10)
+            let item = items[mix.usize(..items.len())];
+            (format!("o-{n}"), item, mix.i64(-10..=10))
         })
         .collect();
     for (id, item, delta) in &requests {

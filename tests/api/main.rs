@@ -3,6 +3,8 @@
 
 mod batching;
 mod binary;
+mod deploy;
+mod dev;
 mod invalid;
 mod ledger;
 mod locks;

@@ -115,9 +115,11 @@ impl Names {
                 if let Some(connection) = connect_any(&names.amqp_url).await
                     && let Ok(channel) = connection.create_channel().await
                 {
+                    let topology =
+                        qty_worker::broker::Topology::new(&names.exchange, &names.queue, 1);
                     let queues = [
-                        names.queue.clone(),
-                        format!("{}.dead", names.queue),
+                        topology.queue,
+                        topology.dead_letter_queue,
                         format!("{}.replies", names.queue),
                     ];
                     for queue in queues {
@@ -126,7 +128,7 @@ impl Names {
                             .await
                             .ok();
                     }
-                    for exchange in [names.exchange.clone(), format!("{}.dlx", names.exchange)] {
+                    for exchange in [topology.exchange, topology.dead_letter_exchange] {
                         channel
                             .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
                             .await
@@ -255,12 +257,7 @@ impl Reply {
     }
     /// A text header of the reply (`traceparent`, say).
     pub fn header(&self, name: &str) -> Option<String> {
-        match self.properties.headers().as_ref()?.inner().get(name)? {
-            lapin::types::AMQPValue::LongString(text) => {
-                Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
-            }
-            _ => None,
-        }
+        qty_worker::broker::header_text(&self.properties, name)
     }
 
     pub fn correlation_id(&self) -> Option<String> {

@@ -17,6 +17,7 @@
 pub mod app;
 pub mod eventually;
 pub mod faults;
+pub mod pgbouncer;
 pub mod postgres;
 pub mod proxy;
 pub mod rabbitmq;

@@ -247,18 +247,12 @@ impl Scenario {
 
     /// Plans `count` requests over the items: mostly small takes, some adds.
     pub fn plan(&self, count: usize, seed: u64) -> Vec<Sent> {
-        let mut state = seed;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            state >> 33
-        };
+        let mut rng = fastrand::Rng::with_seed(seed);
         (0..count)
             .map(|n| Sent {
                 message_id: format!("{}-{seed}-{n}", self.label),
-                item: self.items[(next() as usize) % self.items.len()].0,
-                delta: (next() % 7) as i64 - 4,
+                item: self.items[rng.usize(..self.items.len())].0,
+                delta: rng.i64(-4..=2),
             })
             .collect()
     }

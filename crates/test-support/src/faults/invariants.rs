@@ -24,7 +24,11 @@ impl Scenario {
     pub(crate) async fn check(&self, verdicts: &mut Verdicts) {
         let replies = drain_queue(&self.names.amqp_url, &self.reply_queue()).await;
         let leftover = drain_queue(&self.names.amqp_url, &self.names.queue).await;
-        let dead = drain_queue(&self.names.amqp_url, &format!("{}.dead", self.names.queue)).await;
+        let dead = drain_queue(
+            &self.names.amqp_url,
+            &qty_worker::broker::Topology::dead_letter_queue_of(&self.names.queue),
+        )
+        .await;
         let v = &mut verdicts.violations;
 
         let mut by_id: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
