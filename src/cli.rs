@@ -110,6 +110,10 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
+    /// After migrating, grant this existing role exactly what `run` with
+    /// `--migrate check` needs (no privilege on the tables themselves).
+    #[arg(long, value_name = "ROLE")]
+    pub runtime_role: Option<String>,
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]

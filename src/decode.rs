@@ -37,6 +37,9 @@ pub struct RequestProps {
     pub message_id: Option<String>,
     pub content_type: Option<String>,
     pub content_encoding: Option<String>,
+    /// The publisher's RabbitMQ user name, validated by the broker: carried into
+    /// the ledger, never judged here (who may adjust is `admit`'s business).
+    pub user_id: Option<String>,
 }
 
 /// A request that satisfies the contract.
@@ -45,6 +48,8 @@ pub struct Request {
     pub message_id: String,
     pub item_id: Uuid,
     pub delta: i64,
+    /// The `user_id` property, recorded in the ledger; `None` without one.
+    pub publisher: Option<String>,
 }
 
 /// A request that breaks the contract, with the parts of it that were readable.
@@ -156,6 +161,7 @@ pub fn decode(props: &RequestProps, body: &[u8]) -> Result<Request, Box<Invalid>
             message_id,
             item_id,
             delta,
+            publisher: props.user_id.clone(),
         }),
         (error, message_id, item_id, delta) => Err(Box::new(Invalid {
             // Without an error, a field can only be absent because it was missing.

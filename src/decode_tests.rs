@@ -9,6 +9,7 @@ fn props() -> RequestProps {
         message_id: Some("k-1".into()),
         content_type: Some("application/json".into()),
         content_encoding: None,
+        user_id: None,
     }
 }
 

@@ -1,5 +1,5 @@
 //! Stage 1 of the flow, and the thread through the rest: one delivery goes
-//! decode → apply → reply → ack, inside one tracing span.
+//! admit → decode → apply → reply → ack, inside one tracing span.
 //!
 //! Content problems are answered (`rejected` / `invalid_message`) and acked: a
 //! requeue would only bring the same bytes back. Failures that are not the
@@ -7,6 +7,7 @@
 //! to the queue, whose delivery limit dead-letters it if it keeps failing.
 
 use crate::ack::Acks;
+use crate::admit::Publishers;
 use crate::apply::{Applier, Pending};
 use crate::broker::header_text;
 use crate::decode::{Invalid, RequestProps, decode};
@@ -28,6 +29,8 @@ use tracing::{Instrument as _, Span};
 
 /// What every delivery handler shares.
 pub struct Context {
+    /// Who may adjust (`QTY_PUBLISHERS`).
+    pub publishers: Publishers,
     pub applier: Applier,
     pub exchange: String,
     pub health: Arc<Health>,
@@ -65,8 +68,17 @@ pub fn receive(ctx: &Arc<Context>, delivery: Delivery, link: &Arc<Link>) -> BoxF
     // handed back like any other failure rather than taking the consumer down.
     let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
         inject_fault(&delivery);
-        decode(&request_props(&delivery.properties), &delivery.data)
-            .map(|request| ctx.applier.submit(request))
+        let props = request_props(&delivery.properties);
+        let admitted = ctx.publishers.admit(props.user_id.as_deref());
+        match (admitted, decode(&props, &delivery.data)) {
+            (Ok(()), Ok(request)) => Ok(ctx.applier.submit(request)),
+            (Ok(()), Err(invalid)) => Err(Refused::Invalid(invalid)),
+            // Forbidden wins over invalid, and nothing of it reaches the database.
+            (Err(forbidden), decoded) => Err(Refused::Forbidden {
+                verdict: Box::new(Verdict::for_forbidden(&forbidden, &decoded)),
+                user_id: props.user_id,
+            }),
+        }
     }));
     let route = ReplyRoute {
         reply_to: short_property(delivery.properties.reply_to()),
@@ -110,8 +122,19 @@ fn inject_fault(_delivery: &Delivery) {
     }
 }
 
-/// What `receive` made of the delivery: a pending verdict, a rejection, or a panic.
-type Decoded = std::thread::Result<Result<Pending, Box<Invalid>>>;
+/// What `receive` made of the delivery: a pending verdict, a refusal, or a panic.
+type Decoded = std::thread::Result<Result<Pending, Refused>>;
+
+/// A request answered without the database.
+enum Refused {
+    /// It breaks the contract (`invalid_message`).
+    Invalid(Box<Invalid>),
+    /// Its publisher may not adjust (`forbidden`).
+    Forbidden {
+        verdict: Box<Verdict>,
+        user_id: Option<String>,
+    },
+}
 
 /// What the rest of the handling needs of the delivery. Its properties are in the
 /// span and the reply route by now; the rest is not carried along, which keeps
@@ -175,7 +198,7 @@ enum Settled {
 async fn process(
     ctx: &Context,
     received: Received,
-    decoded: Result<Pending, Box<Invalid>>,
+    decoded: Result<Pending, Refused>,
     route: &ReplyRoute,
     link: &Link,
 ) -> Settled {
@@ -188,7 +211,7 @@ async fn process(
             }
             None => return Settled::Abandoned,
         },
-        Err(invalid) => {
+        Err(Refused::Invalid(invalid)) => {
             // A publisher is sending something wrong: an operator should see
             // which (the span carries message_id and correlation_id).
             let (log, suppressed) = ctx.invalid_log.take(Instant::now());
@@ -197,6 +220,20 @@ async fn process(
             }
             tracing::debug!(body = %String::from_utf8_lossy(&received.body), "invalid request body");
             Verdict::for_invalid(&invalid)
+        }
+        Err(Refused::Forbidden { verdict, user_id }) => {
+            // Someone not listed in QTY_PUBLISHERS can publish to the queue: an
+            // operator should see who (within the same budget as invalid ones).
+            let (log, suppressed) = ctx.invalid_log.take(Instant::now());
+            if log {
+                tracing::warn!(
+                    user_id = user_id.as_deref(),
+                    error = verdict.outcome.error(),
+                    suppressed_before = suppressed,
+                    "request forbidden: its publisher may not adjust"
+                );
+            }
+            *verdict
         }
     };
     ctx.metrics.record(&verdict);
@@ -256,5 +293,6 @@ pub fn request_props(properties: &BasicProperties) -> RequestProps {
         message_id: short_property(properties.message_id()),
         content_type: short_property(properties.content_type()),
         content_encoding: short_property(properties.content_encoding()),
+        user_id: short_property(properties.user_id()),
     }
 }

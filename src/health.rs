@@ -5,13 +5,16 @@
 use std::sync::Mutex;
 
 /// The database as last seen by a transaction or a probe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DatabaseState {
     /// Not reached yet since start (or not yet migrated).
     Starting,
     Writable,
     ReadOnly,
     Down,
+    /// Reachable but not usable as configured, until a migration or a grant
+    /// fixes it: `schema needs migrations 4`, `permission denied: …`.
+    Misconfigured(String),
 }
 
 /// The broker session.
@@ -28,6 +31,8 @@ pub enum BrokerState {
 #[derive(Debug)]
 struct State {
     database: DatabaseState,
+    /// Whether start-up found the schema ready; `/readyz` probes only after.
+    prepared: bool,
     broker: BrokerState,
     /// Set while something the worker declares was found missing, until it is
     /// declared again.
@@ -41,6 +46,7 @@ impl Default for Health {
     fn default() -> Self {
         Health(Mutex::new(State {
             database: DatabaseState::Starting,
+            prepared: false,
             broker: BrokerState::Starting,
             topology_missing: None,
         }))
@@ -58,7 +64,19 @@ impl Health {
     }
 
     pub fn database(&self) -> DatabaseState {
-        self.with(|s| s.database)
+        self.with(|s| s.database.clone())
+    }
+
+    /// Start-up found the schema ready and the database writable.
+    pub fn set_prepared(&self) {
+        self.with(|s| {
+            s.prepared = true;
+            s.database = DatabaseState::Writable;
+        });
+    }
+
+    pub fn prepared(&self) -> bool {
+        self.with(|s| s.prepared)
     }
 
     pub fn set_broker(&self, state: BrokerState) {
@@ -72,11 +90,12 @@ impl Health {
     /// Whether the worker is ready, and the body `/readyz` answers with.
     pub fn report(&self) -> (bool, String) {
         self.with(|s| {
-            let database = match s.database {
+            let database = match &s.database {
                 DatabaseState::Starting => "starting",
                 DatabaseState::Writable => "up",
                 DatabaseState::ReadOnly => "read-only",
                 DatabaseState::Down => "down",
+                DatabaseState::Misconfigured(what) => what,
             };
             let broker = match &s.broker {
                 BrokerState::Starting => "starting".to_owned(),

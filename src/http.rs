@@ -2,9 +2,9 @@
 //! alive) and `/readyz` (contract §7: the database accepts writes, the consumer
 //! runs and the topology exists; else 503 naming what is not ready).
 
-use crate::health::{DatabaseState, Health};
+use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::store::{Database, Writability};
+use crate::store::Database;
 use anyhow::Context as _;
 use axum::Router;
 use axum::extract::State;
@@ -71,14 +71,10 @@ async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
 
 async fn readiness(State(state): State<AppState>) -> impl IntoResponse {
     // Probe rather than trust the last transaction: an idle worker would not
-    // notice its database turning read-only. Before the database is prepared
-    // there is nothing to probe.
-    if state.health.database() != DatabaseState::Starting {
-        let seen = match state.db.writability(DATABASE_PROBE).await {
-            Writability::Writable => DatabaseState::Writable,
-            Writability::ReadOnly => DatabaseState::ReadOnly,
-            Writability::Down => DatabaseState::Down,
-        };
+    // notice its database turning read-only, or its EXECUTE being revoked.
+    // Before start-up has found the schema ready, what it found stands.
+    if state.health.prepared() {
+        let seen = state.db.writability(DATABASE_PROBE).await;
         state.health.set_database(seen);
     }
     let (ready, body) = state.health.report();

@@ -8,6 +8,7 @@
 //!
 //! - [`worker`]: the loop: connect, declare, consume, reconnect, drain on stop.
 //! - [`delivery`]: one delivery through the stages below, in one tracing span.
+//! - [`admit`]: who may adjust: the validated `user_id` against `QTY_PUBLISHERS` (pure).
 //! - [`decode`]: properties and body to a `Request`, or a named rejection (pure).
 //! - [`apply`]: ledger and guarded update in one transaction, transient retries.
 //! - [`reply`]: publish the reply and wait for the broker's confirm.
@@ -20,6 +21,7 @@
 //! [`telemetry`] and [`trace`] (W3C trace context on messages).
 
 pub mod ack;
+pub mod admit;
 pub mod apply;
 pub mod backoff;
 pub mod bench;

@@ -45,7 +45,9 @@ async fn main() -> ExitCode {
                 Err(panic) => Err(anyhow::anyhow!("the worker panicked: {panic}")),
             }
         }
-        Command::Migrate(migrate) => commands::migrate(&migrate.database).await,
+        Command::Migrate(migrate) => {
+            commands::migrate(&migrate.database, migrate.runtime_role.as_deref()).await
+        }
         Command::Item(command) => item::run(command).await,
         Command::Ledger(args) => {
             let output = Output::choose(args.json.json);

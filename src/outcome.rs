@@ -2,6 +2,7 @@
 //! its routing key and `type`, the metrics labels and the log line all come from
 //! [`Verdict`], so no second place re-derives them (contract §4).
 
+use crate::admit::Forbidden;
 use crate::decode::{Invalid, Request};
 use serde::Serialize;
 use sha1::{Digest as _, Sha1};
@@ -26,12 +27,14 @@ pub enum Reason {
     InsufficientQty,
     QtyOutOfRange,
     IdempotencyConflict,
+    /// `QTY_PUBLISHERS` does not list the request's `user_id`; the text says whose.
+    Forbidden(String),
 }
 
 impl Outcome {
     /// One outcome of every label combination (`outcome`, `reason`), so the
     /// metrics can show each from the start.
-    pub fn all_labels() -> [Outcome; 6] {
+    pub fn all_labels() -> [Outcome; 7] {
         [
             Outcome::Applied { qty: 0 },
             Outcome::NotFound,
@@ -39,6 +42,7 @@ impl Outcome {
             Outcome::Rejected(Reason::InsufficientQty),
             Outcome::Rejected(Reason::QtyOutOfRange),
             Outcome::Rejected(Reason::IdempotencyConflict),
+            Outcome::Rejected(Reason::Forbidden(String::new())),
         ]
     }
 
@@ -64,7 +68,7 @@ impl Outcome {
         match self {
             Outcome::Applied { .. } => None,
             Outcome::NotFound => Some("item not found"),
-            Outcome::Rejected(Reason::InvalidMessage(text)) => Some(text),
+            Outcome::Rejected(Reason::InvalidMessage(text) | Reason::Forbidden(text)) => Some(text),
             Outcome::Rejected(Reason::InsufficientQty) => Some("qty cannot go below 0"),
             Outcome::Rejected(Reason::QtyOutOfRange) => {
                 Some("qty would exceed the signed 64-bit range")
@@ -83,6 +87,7 @@ impl Reason {
             Reason::InsufficientQty => "insufficient_qty",
             Reason::QtyOutOfRange => "qty_out_of_range",
             Reason::IdempotencyConflict => "idempotency_conflict",
+            Reason::Forbidden(_) => "forbidden",
         }
     }
 
@@ -144,6 +149,29 @@ impl Verdict {
             item_id: invalid.item_id,
             delta: invalid.delta,
             outcome: Outcome::Rejected(Reason::InvalidMessage(invalid.error.to_string())),
+            replayed: false,
+        }
+    }
+
+    /// The `forbidden` rejection of a request whose publisher may not adjust. It
+    /// echoes what the request itself carried (decoded or not), nothing more.
+    pub fn for_forbidden(
+        forbidden: &Forbidden,
+        decoded: &Result<Request, Box<Invalid>>,
+    ) -> Verdict {
+        let (message_id, item_id, delta) = match decoded {
+            Ok(request) => (
+                Some(request.message_id.clone()),
+                Some(request.item_id),
+                Some(request.delta),
+            ),
+            Err(invalid) => (invalid.message_id.clone(), invalid.item_id, invalid.delta),
+        };
+        Verdict {
+            message_id,
+            item_id,
+            delta,
+            outcome: Outcome::Rejected(Reason::Forbidden(forbidden.to_string())),
             replayed: false,
         }
     }

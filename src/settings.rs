@@ -148,6 +148,25 @@ pub struct WorkerSettings {
     /// Seconds a stop (SIGTERM, Ctrl-C) waits for in-flight deliveries to finish.
     #[arg(long, env = "QTY_DRAIN_SECS", default_value_t = 30)]
     pub drain_secs: u64,
+
+    /// RabbitMQ users allowed to adjust, comma-separated: a request whose
+    /// (broker-validated) user_id is absent or not listed is rejected as
+    /// `forbidden`. Unset: every publisher is served.
+    #[arg(long, env = "QTY_PUBLISHERS", value_parser = publishers_parser)]
+    pub publishers: Option<String>,
+
+    /// At start: `apply` creates the database if missing and applies pending
+    /// migrations; `check` changes nothing and waits (/readyz 503) until the
+    /// schema holds every migration, as a runtime role with no DDL rights must.
+    #[arg(long = "migrate", env = "QTY_MIGRATE", value_enum, default_value_t = MigrateMode::Apply)]
+    pub migrate: MigrateMode,
+}
+
+/// What `run` does about the schema at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MigrateMode {
+    Apply,
+    Check,
 }
 
 /// Log output: human-friendly, or one JSON object per line.
@@ -182,6 +201,14 @@ impl SettingError {
             message: message.into(),
         }
     }
+}
+
+/// `QTY_PUBLISHERS`: one or more comma-separated user names, none empty.
+fn publishers_parser(value: &str) -> Result<String, String> {
+    if value.split(',').any(|name| name.trim().is_empty()) {
+        return Err("must be comma-separated RabbitMQ user names, none empty".into());
+    }
+    Ok(value.to_owned())
 }
 
 /// Exchange and queue names: non-empty, and short enough that the derived

@@ -7,6 +7,7 @@
 //! flight is finished (replied and acked) within the drain time.
 
 use crate::ack::{self, Acks};
+use crate::admit::Publishers;
 use crate::apply::Applier;
 use crate::backoff::Backoff;
 use crate::broker::{Addresses, DeclareError, Topology};
@@ -16,7 +17,7 @@ use crate::http;
 use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
-use crate::store::{Database, Target};
+use crate::store::{Database, PrepareError, SchemaError, Target};
 use futures::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -90,7 +91,15 @@ impl Worker {
             health.clone(),
             metrics.clone(),
         );
+        let publishers = Publishers::from_setting(settings.worker.publishers.as_deref());
+        if publishers.restricted() {
+            tracing::info!(
+                publishers = settings.worker.publishers.as_deref(),
+                "only these publishers may adjust"
+            );
+        }
         let ctx = Arc::new(Context {
+            publishers,
             applier,
             exchange: settings.connections.exchange().to_owned(),
             health,
@@ -202,29 +211,44 @@ impl Worker {
         Ok(())
     }
 
-    /// Finds a usable database host, creates the database if it is missing and
-    /// migrates it, retrying with capped backoff and one warning per attempt.
+    /// Finds a usable database host and readies the schema (`QTY_MIGRATE`: apply
+    /// the migrations, or check that they are there), retrying with capped
+    /// backoff and one log line per attempt. A schema behind the binary or a
+    /// missing privilege is a configuration problem, not an outage: `/readyz`
+    /// names it, and a migration or a grant ends the wait without a restart.
     async fn wait_for_database(&self) {
         let mut backoff = BACKOFF;
+        let mode = self.settings.worker.migrate;
         loop {
-            match self.db.prepare().await {
+            let error = match self.db.prepare(mode).await {
                 Ok(()) => {
-                    self.ctx.health.set_database(DatabaseState::Writable);
+                    self.ctx.health.set_prepared();
                     tracing::info!(host = self.db.target.current_host(), "database ready");
                     return;
                 }
-                Err(error) => {
+                Err(error) => error,
+            };
+            self.ctx.metrics.dependency_error("database");
+            let retry_in_ms = backoff.peek().as_millis() as u64;
+            match &error {
+                PrepareError::Schema(schema @ SchemaError::PermissionDenied(_)) => {
+                    self.ctx
+                        .health
+                        .set_database(DatabaseState::Misconfigured(schema.to_string()));
+                    tracing::error!(error = %schema, url = %self.db.target.shown, retry_in_ms, "database: a privilege is missing; grant it (README, Security)");
+                }
+                PrepareError::Schema(schema @ SchemaError::Behind(_)) => {
+                    self.ctx
+                        .health
+                        .set_database(DatabaseState::Misconfigured(schema.to_string()));
+                    tracing::warn!(error = %schema, url = %self.db.target.shown, retry_in_ms, "database: waiting for `qty-worker migrate`");
+                }
+                other => {
                     self.ctx.health.set_database(DatabaseState::Down);
-                    self.ctx.metrics.dependency_error("database");
-                    tracing::warn!(
-                        %error,
-                        url = %self.db.target.shown,
-                        retry_in_ms = backoff.peek().as_millis() as u64,
-                        "database unavailable; waiting for it"
-                    );
-                    tokio::time::sleep(backoff.fail()).await;
+                    tracing::warn!(error = %other, url = %self.db.target.shown, retry_in_ms, "database unavailable; waiting for it");
                 }
             }
+            tokio::time::sleep(backoff.fail()).await;
         }
     }
 

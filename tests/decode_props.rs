@@ -15,7 +15,29 @@ fn props(message_id: Option<String>, content_type: Option<String>) -> RequestPro
         message_id,
         content_type,
         content_encoding: None,
+        user_id: None,
     }
+}
+
+/// Reads back an escape-string literal as PostgreSQL's lexer does: `''` is a
+/// quote, `\\` a backslash, a lone quote ends it. `None` when the text is not
+/// exactly one literal (it ends early, or something follows it).
+fn read_e_literal(sql: &str) -> Option<String> {
+    let mut chars = sql.strip_prefix("E'")?.chars().peekable();
+    let mut value = String::new();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => value.push(chars.next().filter(|&c| c == '\\')?),
+            '\'' if chars.peek() == Some(&'\'') => {
+                chars.next();
+                value.push('\'');
+            }
+            '\'' => return chars.next().is_none().then_some(value),
+            '\0' => return None,
+            c => value.push(c),
+        }
+    }
+    None
 }
 
 /// JSON-shaped text: objects and arrays of scalars and fragments of a request,
@@ -69,11 +91,21 @@ proptest! {
     }
 
     #[test]
-    fn every_valid_request_decodes_to_what_was_sent(id in any::<u128>(), delta in any::<i64>(), upper in any::<bool>(), key in "[ -~]{1,40}") {
+    fn every_valid_request_decodes_to_what_was_sent(id in any::<u128>(), delta in any::<i64>(), upper in any::<bool>(), key in "[ -~]{1,40}", user_id in proptest::option::of(any::<String>())) {
         let item = Uuid::from_u128(id);
         let text = if upper { item.to_string().to_uppercase() } else { item.to_string() };
         let body = format!(r#"{{"delta":{delta},"item_id":"{text}"}}"#);
-        let request = decode(&props(Some(key.clone()), None), body.as_bytes()).expect("valid request");
-        prop_assert_eq!((request.message_id, request.item_id, request.delta), (key, item, delta));
+        let props = RequestProps { user_id: user_id.clone(), ..props(Some(key.clone()), None) };
+        let request = decode(&props, body.as_bytes()).expect("valid request");
+        prop_assert_eq!((request.message_id, request.item_id, request.delta, request.publisher), (key, item, delta, user_id));
+    }
+
+    /// Whatever a `user_id` or `message_id` holds (empty, long, quotes,
+    /// backslashes, non-ASCII, control characters), its SQL literal reads back
+    /// as exactly that text, so nothing in it can end the literal early.
+    #[test]
+    fn any_text_becomes_one_sql_literal_that_reads_back_unchanged(text in prop_oneof![any::<String>(), "['\\\\ ;)(-]{0,300}", ".{0,2000}"]) {
+        let literal = qty_worker::store::literal::text(&text);
+        prop_assert_eq!(read_e_literal(&literal), Some(text.replace('\0', "")));
     }
 }

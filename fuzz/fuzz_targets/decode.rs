@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
                 props.message_id.as_deref().is_some_and(|id| !id.is_empty()),
                 "accepted without a message_id"
             );
+            assert_eq!(request.publisher, props.user_id, "the publisher is the user_id as sent");
             let names: Vec<&str> = members.iter().map(|(name, _)| name.as_str()).collect();
             let mut sorted = names.clone();
             sorted.sort_unstable();
@@ -78,6 +79,11 @@ fn properties(selector: u8) -> RequestProps {
             0 => None,
             1 => Some("UTF-8".into()),
             _ => Some("gzip".into()),
+        },
+        user_id: match (selector / 36) % 3 {
+            0 => None,
+            1 => Some(String::new()),
+            _ => Some("orders-é'\\".into()),
         },
     }
 }

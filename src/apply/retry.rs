@@ -6,6 +6,7 @@ use super::Shared;
 use crate::backoff::Backoff;
 use crate::decode::Request;
 use crate::health::DatabaseState;
+use crate::store::target::describe;
 use crate::store::{self, Answer, StoreError};
 use std::time::Duration;
 
@@ -42,11 +43,29 @@ pub(super) async fn adjust(
                 match &error {
                     StoreError::ReadOnly(_) => shared.health.set_database(DatabaseState::ReadOnly),
                     StoreError::Unavailable(_) => shared.health.set_database(DatabaseState::Down),
-                    _ => {}
+                    StoreError::PermissionDenied(denied) => {
+                        shared
+                            .health
+                            .set_database(DatabaseState::Misconfigured(format!(
+                                "permission denied: {}",
+                                describe(denied)
+                            )))
+                    }
+                    StoreError::Contention(_) | StoreError::Permanent(_) => {}
                 }
                 let log = worth_logging(attempt);
-                if log {
-                    tracing::warn!(%error, attempt, retry_in_ms = backoff.peek().as_millis() as u64, "database unavailable; retrying");
+                let retry_in_ms = backoff.peek().as_millis() as u64;
+                match &error {
+                    StoreError::PermissionDenied(denied) if log => tracing::error!(
+                        error = describe(denied),
+                        attempt,
+                        retry_in_ms,
+                        "database: a privilege is missing; retrying until it is granted"
+                    ),
+                    _ if log => {
+                        tracing::warn!(%error, attempt, retry_in_ms, "database unavailable; retrying")
+                    }
+                    _ => {}
                 }
                 tokio::time::sleep(backoff.fail()).await;
                 if error.spoils_connection()

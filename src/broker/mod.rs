@@ -2,9 +2,11 @@
 //! a dead link is noticed) and the topology of contract §1.
 
 mod addresses;
+pub mod permissions;
 mod topology;
 
 pub use addresses::{Addresses, Unreachable};
+pub use permissions::Permissions;
 pub use topology::{CHECK_EVERY, DeclareError, REQUEST_ROUTING_KEY, Topology, amqp_code};
 
 use crate::settings::BrokerArgs;

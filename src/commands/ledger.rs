@@ -16,18 +16,19 @@ pub async fn run(
     let entries = store::item_history(&pool, item, limit).await?;
     output.print_rows(&entries, |entries| {
         let mut text = format!(
-            "{:<30}  {:<36}  {:>8}  {:<9}  {:<18}  {:>10}",
-            "recorded_at", "message_id", "delta", "outcome", "reason", "qty_after"
+            "{:<30}  {:<36}  {:>8}  {:<9}  {:<18}  {:>10}  {}",
+            "recorded_at", "message_id", "delta", "outcome", "reason", "qty_after", "publisher"
         );
         for e in entries {
             text.push_str(&format!(
-                "\n{:<30}  {:<36}  {:>8}  {:<9}  {:<18}  {:>10}",
+                "\n{:<30}  {:<36}  {:>8}  {:<9}  {:<18}  {:>10}  {}",
                 e.recorded_at,
                 e.message_id,
                 e.delta,
                 e.outcome,
                 e.reason.as_deref().unwrap_or("-"),
                 e.qty_after.map_or("-".to_owned(), |q| q.to_string()),
+                e.publisher.as_deref().unwrap_or("-"),
             ));
         }
         if entries.is_empty() {

@@ -88,10 +88,22 @@ async fn database(database: &DatabaseArgs) -> anyhow::Result<PgPool> {
     store::open_existing(&database.database_url).await
 }
 
-/// Creates the database if it is missing and applies the migrations.
-pub async fn migrate(database: &DatabaseArgs) -> anyhow::Result<ExitCode> {
-    store::open_prepared(&database.database_url, 2).await?;
+/// Creates the database if it is missing and applies the migrations; with a
+/// runtime role, grants it what `run --migrate check` needs.
+pub async fn migrate(
+    database: &DatabaseArgs,
+    runtime_role: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let prepared = store::open_prepared(&database.database_url, 1).await?;
     eprintln!("database is migrated");
+    if let Some(role) = runtime_role {
+        let mut connection = prepared.target.locate(None).await?;
+        store::schema::grant_runtime_role(&mut connection, role)
+            .await
+            .map_err(|error| anyhow::anyhow!("cannot grant {role:?} its privileges: {error}"))?;
+        eprintln!("granted {role:?} what `run --migrate check` needs");
+    }
+    prepared.pool.close().await;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -78,10 +78,11 @@ pub async fn adjust(
 /// The `qty_adjust` call for `requests`, its arguments written as literals.
 fn call_text(requests: &[&Request], lock_wait_ms: i32) -> String {
     format!(
-        "select pos, outcome, reason, qty_after, replayed from qty_adjust({}, {}, {}, {lock_wait_ms}) order by pos",
+        "select pos, outcome, reason, qty_after, replayed from qty_adjust({}, {}, {}, {}, {lock_wait_ms}) order by pos",
         literal::text_array(requests.iter().map(|r| Some(r.message_id.as_str()))),
         literal::uuid_array(requests.iter().map(|r| r.item_id)),
         literal::bigint_array(requests.iter().map(|r| r.delta)),
+        literal::text_array(requests.iter().map(|r| r.publisher.as_deref())),
     )
 }
 

@@ -5,8 +5,11 @@
 //! Nothing here connects at construction: the worker starts, serves `/readyz`
 //! (503) and waits with backoff while the database is not there yet.
 
+use super::schema::{self, SchemaError};
 use super::target::{NoHost, Target, describe};
 use super::{StoreError, literal};
+use crate::health::DatabaseState;
+use crate::settings::MigrateMode;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Connection as _, PgConnection};
 use std::sync::Arc;
@@ -23,14 +26,6 @@ pub struct Database {
     pub target: Arc<Target>,
 }
 
-/// What `/readyz` reports of the database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Writability {
-    Writable,
-    ReadOnly,
-    Down,
-}
-
 /// Why the start-up work failed; it is retried.
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
@@ -38,8 +33,8 @@ pub enum PrepareError {
     NoHost(#[from] NoHost),
     #[error("cannot create database {database:?}: {message}")]
     Create { database: String, message: String },
-    #[error("cannot apply the migrations: {0}")]
-    Migrate(String),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
 }
 
 impl Database {
@@ -72,16 +67,26 @@ impl Database {
         Database { pool, target }
     }
 
-    /// Finds the usable host, creates the database there if it is missing, and
-    /// applies the migrations. Only `run` and `migrate` do this.
-    pub async fn prepare(&self) -> Result<(), PrepareError> {
-        let admin = self.target.locate(Some("postgres")).await?;
-        create_database_if_missing(admin, &self.target.database()).await?;
+    /// Finds the usable host and readies the schema there: `Apply` creates the
+    /// database if it is missing and applies the migrations (only `run` and
+    /// `migrate` do this); `Check` changes nothing and fails until the schema
+    /// holds every migration and the role may use it.
+    pub async fn prepare(&self, mode: MigrateMode) -> Result<(), PrepareError> {
+        match mode {
+            MigrateMode::Apply => {
+                let admin = self.target.locate(Some("postgres")).await?;
+                create_database_if_missing(admin, &self.target.database()).await?;
+                schema::apply(self.target.locate(None).await?).await?;
+            }
+            MigrateMode::Check => {
+                let mut connection = self.target.locate(None).await?;
+                let checked = schema::check(&mut connection).await;
+                connection.close().await.ok();
+                checked?;
+            }
+        }
         self.pool.set_connect_options(self.target.options());
-        let connection = self.target.locate(None).await?;
-        super::migrate(connection)
-            .await
-            .map_err(|e| PrepareError::Migrate(format!("{e:#}")))
+        Ok(())
     }
 
     /// Looks for the usable host again after the current one failed, and points
@@ -101,30 +106,39 @@ impl Database {
         Ok(())
     }
 
-    /// Whether the database accepts writes now, asked within `within`. A session
-    /// found read-only is closed, so the next probe (and transaction) opens a fresh
-    /// one: sessions keep the read-only default they started with.
-    pub async fn writability(&self, within: Duration) -> Writability {
+    /// Whether the database accepts the worker's writes now, asked within
+    /// `within`: writable, and `qty_adjust` executable by this role. A session
+    /// found read-only is closed, so the next probe (and transaction) opens a
+    /// fresh one: sessions keep the read-only default they started with.
+    pub async fn writability(&self, within: Duration) -> DatabaseState {
+        use sqlx::Row as _;
         let probe = async {
             let mut connection = self.pool.acquire().await?;
-            let writable: bool = simple_scalar(
-                &mut connection,
-                "select current_setting('transaction_read_only') = 'off'",
-            )
+            let row = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "select current_setting('transaction_read_only') = 'off', \
+                        coalesce(has_function_privilege(to_regprocedure({}), 'execute'), false)",
+                literal::text(schema::ADJUST_FUNCTION)
+            )))
+            .fetch_one(&mut *connection)
             .await?;
+            let (writable, executable): (bool, bool) = (row.try_get(0)?, row.try_get(1)?);
             if !writable {
                 connection.close_on_drop();
             }
-            Ok::<_, sqlx::Error>(writable)
+            Ok::<_, sqlx::Error>((writable, executable))
         };
         match tokio::time::timeout(within, probe).await {
-            Ok(Ok(true)) => Writability::Writable,
-            Ok(Ok(false)) => Writability::ReadOnly,
+            Ok(Ok((false, _))) => DatabaseState::ReadOnly,
+            Ok(Ok((true, false))) => DatabaseState::Misconfigured(format!(
+                "permission denied: EXECUTE on function {}",
+                schema::ADJUST_FUNCTION
+            )),
+            Ok(Ok((true, true))) => DatabaseState::Writable,
             Ok(Err(error)) => match StoreError::from(error) {
-                StoreError::ReadOnly(_) => Writability::ReadOnly,
-                _ => Writability::Down,
+                StoreError::ReadOnly(_) => DatabaseState::ReadOnly,
+                _ => DatabaseState::Down,
             },
-            Err(_) => Writability::Down,
+            Err(_) => DatabaseState::Down,
         }
     }
 }
@@ -168,7 +182,7 @@ async fn create_database_if_missing(
 pub async fn open_prepared(url: &str, max_connections: u32) -> anyhow::Result<Database> {
     let database = Database::new(Target::parse(url)?, max_connections);
     database
-        .prepare()
+        .prepare(MigrateMode::Apply)
         .await
         .map_err(|error| anyhow::anyhow!("{} ({})", error, database.target.shown))?;
     Ok(database)

@@ -21,6 +21,11 @@ pub enum StoreError {
     /// statement timeout or cancel (57014).
     #[error("database contention: {0}")]
     Contention(#[source] sqlx::Error),
+    /// The role lacks a privilege (42501), e.g. EXECUTE on `qty_adjust` revoked:
+    /// a configuration problem that a grant fixes, so retried like an outage
+    /// rather than handing the delivery back towards its dead-letter limit.
+    #[error("database permission denied: {0}")]
+    PermissionDenied(#[source] sqlx::Error),
     /// Retrying will not help: a bug, a schema mismatch, a broken invariant.
     #[error("database error: {0}")]
     Permanent(#[source] sqlx::Error),
@@ -51,6 +56,7 @@ impl From<sqlx::Error> for StoreError {
                     StoreError::Unavailable(error)
                 }
                 Some("40001" | "40P01" | "55P03" | "57014") => StoreError::Contention(error),
+                Some("42501") => StoreError::PermissionDenied(error),
                 _ => StoreError::Permanent(error),
             },
             sqlx::Error::Io(_)

@@ -37,6 +37,11 @@ fn push_text(out: &mut String, value: &str) {
     out.push('\'');
 }
 
+/// `"…"`: `name` as a quoted identifier (a role's name, say).
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('\0', "").replace('"', "\"\""))
+}
+
 /// `array[E'…', …]::text[]`, with `null` for `None`.
 pub fn text_array<'a>(values: impl IntoIterator<Item = Option<&'a str>>) -> String {
     let mut out = String::from("array[");
@@ -94,6 +99,12 @@ mod tests {
         );
         assert_eq!(text("héllo\n\t✓"), "E'héllo\n\t✓'");
         assert_eq!(text("a\0b"), "E'ab'");
+    }
+
+    #[test]
+    fn identifiers_double_their_quotes() {
+        assert_eq!(ident("qty_runtime"), "\"qty_runtime\"");
+        assert_eq!(ident("a\"b; drop"), "\"a\"\"b; drop\"");
     }
 
     #[test]

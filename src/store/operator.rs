@@ -77,6 +77,8 @@ pub struct LedgerEntry {
     pub outcome: String,
     pub reason: Option<String>,
     pub qty_after: Option<i64>,
+    /// The request's validated `user_id`; `None` when it had none.
+    pub publisher: Option<String>,
     pub recorded_at: String,
 }
 
@@ -87,7 +89,7 @@ pub async fn item_history(
     limit: i64,
 ) -> Result<Vec<LedgerEntry>, sqlx::Error> {
     sqlx::query_as(
-        "select message_id, delta, outcome, reason, qty_after,
+        "select message_id, delta, outcome, reason, qty_after, publisher,
                 to_char(recorded_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') as recorded_at
            from adjustments where item_id = $1 order by recorded_at desc limit $2",
     )

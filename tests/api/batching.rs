@@ -91,6 +91,7 @@ fn random_stream(seed: u64, len: usize) -> (Vec<(Uuid, i64)>, Vec<Request>) {
             message_id: format!("m-{n}"),
             item_id: item,
             delta,
+            publisher: None,
         });
     }
     (items, requests)
@@ -186,6 +187,7 @@ async fn two_adjustments_to_one_item_in_one_batch_see_each_other() {
             message_id: id.into(),
             item_id: item,
             delta,
+            publisher: None,
         });
     let refs: Vec<&Request> = requests.iter().collect();
     let answers: Vec<String> = adjust(&db.db, &refs)
@@ -219,6 +221,7 @@ async fn concurrent_overlapping_batches_neither_deadlock_nor_apply_a_key_twice()
             message_id: format!("k-{n}"),
             item_id: items[n % 4],
             delta: -((n % 7) as i64),
+            publisher: None,
         })
         .collect();
     let mut writers = tokio::task::JoinSet::new();
@@ -268,6 +271,7 @@ async fn concurrent_duplicates_that_lock_no_item_are_still_recorded_once() {
             message_id: format!("nf-{n}"),
             item_id: Uuid::new_v4(),
             delta: 1,
+            publisher: None,
         })
         .collect();
     let mut writers = tokio::task::JoinSet::new();

@@ -6,6 +6,7 @@ mod binary;
 mod deploy;
 mod dev;
 mod invalid;
+mod least_privilege;
 mod ledger;
 mod locks;
 #[cfg(feature = "otlp")]
@@ -15,3 +16,4 @@ mod publishers;
 mod replies;
 mod tls;
 mod topology;
+mod who_may_adjust;

@@ -98,6 +98,8 @@ impl Names {
                 batch_max: 100,
                 lock_wait_ms: qty_worker::settings::DEFAULT_LOCK_WAIT_MS,
                 drain_secs: 10,
+                publishers: None,
+                migrate: qty_worker::settings::MigrateMode::Apply,
             },
         }
     }
@@ -533,7 +535,7 @@ impl Drop for TestApp {
 
 /// Connects to the first broker of a comma-separated list that answers.
 /// A well-formed request body.
-fn request_body(item: Uuid, delta: i64) -> String {
+pub fn request_body(item: Uuid, delta: i64) -> String {
     serde_json::json!({ "item_id": item, "delta": delta }).to_string()
 }
 
