@@ -4,7 +4,10 @@
 # RSS, the CPU time each process spent (seconds, in `cpu_secs`) and the workers'
 # context switches (`worker_context_switches`). Extra
 # arguments go to `qty-worker bench`. QTY_BIN picks the binary (default
-# target/release/qty-worker); WORKER_CMD runs another worker instead.
+# target/release/qty-worker); WORKER_CMD runs another worker instead;
+# WORKER_DATABASE_URL_TEMPLATE (a URL without the database name) gives the workers
+# another way to the run's database (a PgBouncer in front of it, say:
+# bench/pgbouncer.sh).
 #
 #   bench/drain.sh WORKERS "WORKER FLAGS" [BENCH FLAGS…]
 #   bench/drain.sh 1 "--prefetch 500" --messages 50000 --items 100
@@ -53,6 +56,8 @@ broker_pid=$(find_broker)
 broker_before=$(ticks "$broker_pid") bench_before=$(ticks "$bench_pid") busy_before=$(busy)
 database_before=$(database)
 
+worker_database_url=$DATABASE_URL
+[ -z "${WORKER_DATABASE_URL_TEMPLATE:-}" ] || worker_database_url=$WORKER_DATABASE_URL_TEMPLATE$db
 pids=()
 for n in $(seq 1 "$workers"); do
   if [ -n "${WORKER_CMD:-}" ]; then
@@ -60,7 +65,8 @@ for n in $(seq 1 "$workers"); do
     $WORKER_CMD 2> "$log/worker-$n.log" &
   else
     # shellcheck disable=SC2086
-    "$bin" run --http-addr 127.0.0.1:0 --queue "$QTY_QUEUE" $worker_flags 2> "$log/worker-$n.log" &
+    DATABASE_URL=$worker_database_url \
+      "$bin" run --http-addr 127.0.0.1:0 --queue "$QTY_QUEUE" $worker_flags 2> "$log/worker-$n.log" &
   fi
   pids+=($!)
 done

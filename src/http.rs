@@ -2,6 +2,7 @@
 //! alive) and `/readyz` (contract §7: the database accepts writes, the consumer
 //! runs and the topology exists; else 503 naming what is not ready).
 
+use crate::apply::set_aside::SetAside;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::store::Database;
@@ -20,7 +21,11 @@ struct AppState {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     db: Database,
+    set_aside: Arc<SetAside>,
 }
+
+/// Locked items `/readyz` names, at most.
+const LOCKED_ITEMS_SHOWN: usize = 5;
 
 /// How long `/readyz` waits for the database before calling it down.
 const DATABASE_PROBE: Duration = Duration::from_secs(1);
@@ -32,6 +37,7 @@ pub async fn serve(
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     db: Database,
+    set_aside: Arc<SetAside>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -45,6 +51,7 @@ pub async fn serve(
             health,
             metrics,
             db,
+            set_aside,
         });
     let task = tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
@@ -60,6 +67,12 @@ async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
         .observe_pool(state.db.pool.size(), state.db.pool.num_idle());
     let (ready, _) = state.health.report();
     state.metrics.ready.set(i64::from(ready));
+    state.metrics.set_aside_oldest_seconds.set(
+        state
+            .set_aside
+            .oldest(std::time::Instant::now())
+            .as_secs_f64(),
+    );
     (
         [(
             header::CONTENT_TYPE,
@@ -77,7 +90,20 @@ async fn readiness(State(state): State<AppState>) -> impl IntoResponse {
         let seen = state.db.writability(DATABASE_PROBE).await;
         state.health.set_database(seen);
     }
-    let (ready, body) = state.health.report();
+    let (ready, mut body) = state.health.report();
+    // Readiness stays as it is: the worker serves everything else meanwhile.
+    if let Some(locked) = state.set_aside.summary(LOCKED_ITEMS_SHOWN) {
+        let items: Vec<String> = locked
+            .items
+            .iter()
+            .map(|(item, n)| format!("{item} ({n})"))
+            .collect();
+        body.push_str(&format!(
+            "set aside: {} requests wait for items locked elsewhere: {}\n",
+            locked.requests,
+            items.join(", ")
+        ));
+    }
     let status = if ready {
         StatusCode::OK
     } else {

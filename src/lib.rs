@@ -41,6 +41,7 @@ pub mod settings;
 pub mod store;
 pub mod telemetry;
 pub mod trace;
+pub mod window;
 pub mod worker;
 
 pub use worker::{Worker, run};

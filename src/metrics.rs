@@ -40,6 +40,7 @@ pub struct Metrics {
     pub replies_unroutable: Counter,
     pub replies_refused: Counter,
     pub ready: Gauge,
+    pub set_aside_oldest_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 /// The dependencies `dependency_errors` and `reconnects` are labelled with.
@@ -156,6 +157,12 @@ impl Metrics {
             "Replies the broker kept refusing (nack, e.g. a full reply_to queue) and that were given up; the request was still acked",
             replies_refused.clone(),
         );
+        let set_aside_oldest_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "set_aside_oldest_seconds",
+            "How long the longest-waiting request set aside for a locked item has waited (0 when none), as of the scrape",
+            set_aside_oldest_seconds.clone(),
+        );
         let ready = Gauge::default();
         registry.register(
             "ready",
@@ -163,6 +170,7 @@ impl Metrics {
             ready.clone(),
         );
         Metrics {
+            set_aside_oldest_seconds,
             replies_refused,
             ready,
             set_aside,

@@ -9,6 +9,9 @@ use std::net::SocketAddr;
 /// How many deliveries are in flight at once unless `--prefetch` says otherwise.
 pub const DEFAULT_PREFETCH: u16 = 1000;
 
+/// Set-aside requests that hold no delivery slot, unless `--set-aside-max` says otherwise.
+pub const DEFAULT_SET_ASIDE_MAX: u32 = 10_000;
+
 /// Deliveries of one message before it is dead-lettered unless `--delivery-limit` says otherwise.
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 10;
 
@@ -154,6 +157,12 @@ pub struct WorkerSettings {
     /// `forbidden`. Unset: every publisher is served.
     #[arg(long, env = "QTY_PUBLISHERS", value_parser = publishers_parser)]
     pub publishers: Option<String>,
+
+    /// Requests set aside for locked items that stop counting against the
+    /// prefetch (the worker widens its window by them); past this many, they hold
+    /// delivery slots again. A set-aside request costs a few hundred bytes.
+    #[arg(long, env = "QTY_SET_ASIDE_MAX", default_value_t = DEFAULT_SET_ASIDE_MAX, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub set_aside_max: u32,
 
     /// At start: `apply` creates the database if missing and applies pending
     /// migrations; `check` changes nothing and waits (/readyz 503) until the

@@ -9,6 +9,7 @@
 use crate::ack::{self, Acks};
 use crate::admit::Publishers;
 use crate::apply::Applier;
+use crate::apply::set_aside::SetAside;
 use crate::backoff::Backoff;
 use crate::broker::{Addresses, DeclareError, Topology};
 use crate::delivery::{self, Context, Link};
@@ -18,6 +19,7 @@ use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::store::{Database, PrepareError, SchemaError, Target};
+use crate::window::{Widen, Window};
 use futures::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -25,6 +27,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
@@ -48,6 +51,8 @@ pub struct Worker {
     db: Database,
     addresses: Arc<Addresses>,
     topology: Arc<Topology>,
+    /// Requests set aside for locked items, across the lanes.
+    set_aside: Arc<SetAside>,
     http_addr: SocketAddr,
     http: tokio::task::JoinHandle<()>,
 }
@@ -75,11 +80,13 @@ impl Worker {
         let db = Database::new(target, settings.worker.db_pool);
         let health = Arc::new(Health::default());
         let metrics = Arc::new(Metrics::new());
+        let set_aside = Arc::new(SetAside::default());
         let (http_addr, http) = http::serve(
             settings.worker.http_addr,
             health.clone(),
             metrics.clone(),
             db.clone(),
+            set_aside.clone(),
         )
         .await?;
         tracing::info!(%http_addr, "metrics and health listening");
@@ -90,6 +97,7 @@ impl Worker {
             Duration::from_millis(settings.worker.lock_wait_ms),
             health.clone(),
             metrics.clone(),
+            set_aside.clone(),
         );
         let publishers = Publishers::from_setting(settings.worker.publishers.as_deref());
         if publishers.restricted() {
@@ -113,6 +121,7 @@ impl Worker {
             db,
             addresses,
             topology,
+            set_aside,
             http_addr,
             http,
         })
@@ -260,6 +269,10 @@ impl Worker {
         in_flight: &TaskTracker,
         shutdown: &mut (impl Future<Output = ()> + Unpin),
     ) -> bool {
+        let mut window = Window::new(
+            self.settings.worker.prefetch,
+            self.settings.worker.set_aside_max,
+        );
         loop {
             tokio::select! {
                 biased;
@@ -268,7 +281,19 @@ impl Worker {
                     tracing::warn!("reply channel closed by the broker");
                     return false;
                 }
-                next = session.consumer.next() => match next {
+                // A cancelled consumer's last deliveries come before any of its
+                // successor's, so deliveries are registered in tag order.
+                next = next_of(&mut session.draining), if !session.draining.is_empty() => match next {
+                    Some(Ok(delivery)) => session.spawn(&self.ctx, in_flight, delivery),
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "consumer failed");
+                        return false;
+                    }
+                    None => {
+                        session.draining.pop_front();
+                    }
+                },
+                next = session.consumer.next(), if session.draining.is_empty() => match next {
                     Some(Ok(delivery)) => session.spawn(&self.ctx, in_flight, delivery),
                     Some(Err(error)) => {
                         tracing::warn!(%error, "consumer failed");
@@ -279,8 +304,34 @@ impl Worker {
                         return false;
                     }
                 },
+                () = self.set_aside.grown() => {
+                    let waiting = self.ctx.metrics.set_aside.get().max(0) as usize;
+                    match window.check(waiting) {
+                        Widen::No => {}
+                        Widen::AtCeiling => tracing::warn!(
+                            set_aside = waiting,
+                            ceiling = self.settings.worker.set_aside_max,
+                            "set-aside ceiling reached: requests for locked items hold delivery slots again until they drain (QTY_SET_ASIDE_MAX)"
+                        ),
+                        Widen::Now => {
+                            if let Err(error) = session.fresh_consumer(&self.topology).await {
+                                tracing::warn!(%error, "cannot start a fresh consumer");
+                                return false;
+                            }
+                            tracing::info!(set_aside = waiting, "requests set aside for locked items no longer hold delivery slots: consuming afresh");
+                        }
+                    }
+                }
             }
         }
+    }
+}
+
+/// The next delivery of the oldest consumer being drained.
+async fn next_of(draining: &mut VecDeque<Consumer>) -> Option<lapin::Result<Delivery>> {
+    match draining.front_mut() {
+        Some(consumer) => consumer.next().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -302,6 +353,9 @@ struct Session {
     address: usize,
     deliveries: Channel,
     consumer: Consumer,
+    /// Consumers cancelled to widen the window, oldest first, until their last
+    /// deliveries are in.
+    draining: VecDeque<Consumer>,
     /// What the handlers of this session's deliveries share.
     link: Arc<Link>,
     /// Sends the acks `link.acks` decides on.
@@ -356,6 +410,7 @@ impl Session {
             address,
             deliveries,
             consumer,
+            draining: VecDeque::new(),
             link: Arc::new(Link {
                 replies,
                 acks,
@@ -364,6 +419,29 @@ impl Session {
             settling,
             keeper,
         })
+    }
+
+    /// Cancels the consumer and starts another on the same channel (see
+    /// `window`): the deliveries already received stay unacked on the channel,
+    /// and the new consumer's window starts empty.
+    async fn fresh_consumer(&mut self, topology: &Topology) -> lapin::Result<()> {
+        self.deliveries
+            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
+            .await?;
+        let fresh = self
+            .deliveries
+            .basic_consume(
+                topology.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        // Behind any consumer still draining from an earlier widening: their
+        // deliveries come first.
+        self.draining
+            .push_back(std::mem::replace(&mut self.consumer, fresh));
+        Ok(())
     }
 
     fn spawn(&self, ctx: &Arc<Context>, in_flight: &TaskTracker, delivery: Delivery) {
@@ -387,6 +465,13 @@ impl Session {
         in_flight.close();
         let finish = async {
             if cancelled.is_ok() {
+                // Oldest first, as while consuming, so tags register in order.
+                let consumers: Vec<Consumer> = self.draining.drain(..).collect();
+                for mut consumer in consumers {
+                    while let Some(Ok(delivery)) = consumer.next().await {
+                        self.spawn(&worker.ctx, in_flight, delivery);
+                    }
+                }
                 while let Some(Ok(delivery)) = self.consumer.next().await {
                     self.spawn(&worker.ctx, in_flight, delivery);
                 }

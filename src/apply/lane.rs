@@ -88,8 +88,14 @@ impl Lane {
     fn accept(&mut self, submitted: Submitted) {
         match self.parked.get_mut(&submitted.request.item_id) {
             Some(parked) => {
+                let item = submitted.request.item_id;
                 parked.waiting.push_back(submitted);
                 self.shared.metrics.set_aside.inc();
+                self.shared.set_aside.waiting(
+                    item,
+                    parked.waiting.len(),
+                    std::time::Instant::now(),
+                );
             }
             None => self.ready.push_back(submitted),
         }
@@ -169,8 +175,10 @@ impl Lane {
         for (submitted, answer) in answered {
             match answer {
                 Answer::Done(adjusted) => {
-                    if !self.backoff.is_empty() {
-                        self.backoff.remove(&submitted.request.item_id);
+                    if !self.backoff.is_empty()
+                        && self.backoff.remove(&submitted.request.item_id).is_some()
+                    {
+                        self.shared.set_aside.applied(&submitted.request.item_id);
                     }
                     submitted.reply(Ok(adjusted));
                 }
@@ -207,12 +215,17 @@ impl Lane {
         let delay = self.backoff.entry(item).or_insert(RETRY).fail();
         self.shared.metrics.set_aside.inc_by(waiting.len() as i64);
         tracing::debug!(%item, requests = waiting.len(), retry_in_ms = delay.as_millis() as u64, "item locked elsewhere; set aside");
+        let now = std::time::Instant::now();
         if let Some(parked) = self.parked.get_mut(&item) {
             // Parked again during a one-by-one retry: it already holds later ones.
             let behind = std::mem::take(&mut parked.waiting);
             waiting.extend(behind);
             parked.waiting = waiting;
+            self.shared
+                .set_aside
+                .waiting(item, parked.waiting.len(), now);
         } else {
+            self.shared.set_aside.waiting(item, waiting.len(), now);
             self.parked.insert(
                 item,
                 Parked {

@@ -20,12 +20,14 @@
 
 mod lane;
 mod retry;
+pub mod set_aside;
 
 use crate::decode::Request;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::outcome::Verdict;
 use crate::store::{Adjusted, Database, StoreError};
+use set_aside::SetAside;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -58,6 +60,7 @@ struct Shared {
     lock_wait: Duration,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    set_aside: Arc<SetAside>,
 }
 
 /// A handle to the lanes. Cloning it is cheap; the lanes stop when every handle
@@ -82,6 +85,7 @@ impl Applier {
         lock_wait: Duration,
         health: Arc<Health>,
         metrics: Arc<Metrics>,
+        set_aside: Arc<SetAside>,
     ) -> Applier {
         let shared = Arc::new(Shared {
             db,
@@ -89,6 +93,7 @@ impl Applier {
             lock_wait,
             health,
             metrics,
+            set_aside,
         });
         let lanes = (0..lanes.max(1))
             .map(|_| {

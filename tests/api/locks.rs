@@ -3,6 +3,7 @@
 //! item's requests in the order they were delivered.
 
 use qty_test_support::app::TestApp;
+use qty_test_support::eventually;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -138,4 +139,87 @@ async fn each_items_replies_match_a_sequential_replay_of_its_requests_in_publish
     for item in &items {
         assert_eq!(app.qty(*item).await, qty[item]);
     }
+}
+
+/// The first value of a metric in the exposition, e.g. `qty_worker_requests_set_aside`.
+fn metric(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{exposition}"))
+}
+
+#[tokio::test]
+async fn more_requests_for_a_locked_item_than_the_prefetch_hold_no_slot_from_the_others() {
+    let mut app = TestApp::spawn_with(|s| s.worker.prefetch = 100).await;
+    let mut others = Vec::new();
+    for _ in 0..20 {
+        others.push(app.create_item(0).await);
+    }
+    let locked = app.create_item(0).await;
+    let unlocked_rate = steady_rate(&mut app, &others, "free", 200).await;
+
+    let lock = app.lock_row(locked).await;
+    // Three windows' worth for the locked item: before, every slot held one.
+    let waiting = 300;
+    for n in 0..waiting {
+        app.adjust(&format!("locked-{n}"), locked, 1).await;
+    }
+    let locked_rate = steady_rate(&mut app, &others, "busy", 200).await;
+    println!(
+        "replies per second to other items: {unlocked_rate:.1} unlocked, {locked_rate:.1} with {waiting} requests set aside (prefetch 100)"
+    );
+    assert!(
+        locked_rate >= 0.8 * unlocked_rate,
+        "the other items slowed down: {locked_rate:.1}/s against {unlocked_rate:.1}/s unlocked"
+    );
+    // Operators see which item holds them up, and for how long; the worker is
+    // still ready, since it serves everything else.
+    let (status, body) = app.get("/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&format!("{locked} ({waiting})")), "{body}");
+    let (_, metrics) = app.get("/metrics").await;
+    assert_eq!(
+        metric(&metrics, "qty_worker_requests_set_aside"),
+        f64::from(waiting)
+    );
+    assert!(
+        metric(&metrics, "qty_worker_set_aside_oldest_seconds") > 0.0,
+        "{metrics}"
+    );
+
+    lock.rollback().await.expect("release the lock");
+    let replies = app.replies_by_message_id(waiting as usize).await;
+    for n in 0..waiting {
+        let reply = &replies[&format!("locked-{n}")];
+        assert_eq!(
+            reply.body["qty"].as_i64(),
+            Some(i64::from(n) + 1),
+            "locked-{n} was not applied in publish order: {}",
+            reply.body
+        );
+    }
+    eventually(
+        "the set-aside gauges to return to 0",
+        Duration::from_secs(10),
+        || async {
+            let (_, metrics) = app.get("/metrics").await;
+            let left = (
+                metric(&metrics, "qty_worker_requests_set_aside"),
+                metric(&metrics, "qty_worker_set_aside_oldest_seconds"),
+            );
+            if left == (0.0, 0.0) {
+                Ok(())
+            } else {
+                Err(left)
+            }
+        },
+    )
+    .await;
+    let (_, metrics) = app.get("/metrics").await;
+    assert_eq!(
+        metric(&metrics, "qty_worker_deliveries_requeued_total"),
+        0.0
+    );
+    assert_eq!(app.queue_depth().await, 0);
 }

@@ -13,6 +13,7 @@ mod locks;
 mod otlp;
 mod outcomes;
 mod publishers;
+mod refused_replies;
 mod replies;
 mod tls;
 mod topology;
