@@ -278,7 +278,10 @@ mod tests {
         assert!(!dead.iter().any(|o| o == "database-url" || o == "exchange"));
         let run = options(&["run"]);
         assert!(run.contains(&"prefetch".to_owned()) && !run.contains(&"json".to_owned()));
-        assert_eq!(options(&["migrate"]), ["database-url", "log-format"]);
+        assert_eq!(
+            options(&["migrate"]),
+            ["runtime-role", "database-url", "log-format"]
+        );
     }
 
     #[test]

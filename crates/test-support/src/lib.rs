@@ -1,7 +1,7 @@
 //! What qty-worker's tests and its chaos example share, as a crate of its own:
 //!
-//! - [`app`]: a worker per test with its own database, exchange and queue, and the
-//!   publisher's and listener's side of the broker;
+//! - [`app`]: a worker per test with its own database, exchange and queue (built
+//!   from `names`, `in_process`, `amqp`, `reply` and `http`, one job each);
 //! - [`faults`]: the fault harness (worker processes behind proxies, a publisher
 //!   that keeps going through faults, the invariant check after each run);
 //! - [`eventually`]: wait for a condition with a deadline that names what it waited for;
@@ -14,18 +14,26 @@
 //! watchdog process when the test process dies without dropping it (a panic that
 //! aborts, Ctrl-C, SIGKILL).
 
+mod amqp;
 pub mod app;
 pub mod eventually;
 pub mod faults;
+mod http;
+mod in_process;
+mod names;
 pub mod pgbouncer;
 pub mod postgres;
 pub mod proxy;
 pub mod rabbitmq;
+mod reply;
 mod watchdog;
 
 pub use watchdog::guard as on_exit;
 
 pub use eventually::eventually;
+
+/// How long any single wait in a test may take before it fails with a message.
+pub const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Whether this machine has the server binaries the throwaway servers need. Suites
 /// that need them print `skipped: no PostgreSQL/RabbitMQ binaries` when it has not

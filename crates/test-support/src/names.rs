@@ -1,0 +1,135 @@
+//! Names of a test's own: a database, an exchange and a queue with a random
+//! suffix, on the shared servers or on servers of the test's own, and their
+//! removal when the test ends.
+
+use crate::amqp::connect_any;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use qty_worker::settings::{
+    BrokerArgs, Connections, DatabaseArgs, ExchangeArg, QueueArg, Settings, WorkerSettings,
+};
+use sqlx::{Connection as _, PgConnection};
+use uuid::Uuid;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A fresh set of names for one test, and the servers they live on.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub database: String,
+    pub exchange: String,
+    pub queue: String,
+    /// `postgres://postgres@HOST:PORT`, without a database.
+    pub postgres: String,
+    /// The broker's URL, or several comma-separated (a cluster's nodes).
+    pub amqp_url: String,
+}
+
+impl Names {
+    /// Names on the servers at the default addresses.
+    pub fn random() -> Names {
+        let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
+        Names {
+            database: format!("qtyw_test_{suffix}"),
+            exchange: format!("qtyw-test-{suffix}"),
+            queue: format!("qtyw-test-{suffix}.adjust"),
+            postgres: "postgres://postgres@127.0.0.1:5432".into(),
+            amqp_url: AMQP_URL.into(),
+        }
+    }
+
+    /// Names on servers of the test's own (the fault suite's).
+    pub fn on_own_servers(postgres: String, amqp_url: String) -> Names {
+        Names {
+            postgres,
+            amqp_url,
+            ..Names::random()
+        }
+    }
+
+    pub fn database_url(&self) -> String {
+        format!("{}/{}", self.postgres, self.database)
+    }
+
+    pub fn settings(&self) -> Settings {
+        Settings {
+            connections: Connections {
+                broker: BrokerArgs {
+                    amqp_url: self.amqp_url.clone(),
+                    amqp_ca_file: None,
+                },
+                database: DatabaseArgs {
+                    database_url: self.database_url(),
+                },
+                exchange: ExchangeArg {
+                    exchange: self.exchange.clone(),
+                },
+                queue: QueueArg {
+                    queue: self.queue.clone(),
+                },
+            },
+            worker: WorkerSettings {
+                prefetch: 32,
+                http_addr: "127.0.0.1:0".parse().expect("valid address"),
+                delivery_limit: 10,
+                db_pool: 4,
+                batch_max: 100,
+                lock_wait_ms: qty_worker::settings::DEFAULT_LOCK_WAIT_MS,
+                drain_secs: 10,
+                publishers: None,
+                set_aside_max: qty_worker::settings::DEFAULT_SET_ASIDE_MAX,
+                migrate: qty_worker::settings::MigrateMode::Apply,
+            },
+        }
+    }
+
+    /// Deletes the test's queues, exchanges and database. Runs on its own runtime
+    /// so it can be called from `Drop`.
+    pub fn remove_all(&self) {
+        let names = self.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("cleanup runtime");
+            runtime.block_on(async move {
+                if let Some(connection) = connect_any(&names.amqp_url).await
+                    && let Ok(channel) = connection.create_channel().await
+                {
+                    let topology =
+                        qty_worker::broker::Topology::new(&names.exchange, &names.queue, 1);
+                    let queues = [
+                        topology.queue,
+                        topology.dead_letter_queue,
+                        format!("{}.replies", names.queue),
+                    ];
+                    for queue in queues {
+                        channel
+                            .queue_delete(queue.into(), QueueDeleteOptions::default())
+                            .await
+                            .ok();
+                    }
+                    for exchange in [topology.exchange, topology.dead_letter_exchange] {
+                        channel
+                            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                            .await
+                            .ok();
+                    }
+                    connection.close(200, "test done".into()).await.ok();
+                }
+                if let Ok(mut admin) =
+                    PgConnection::connect(&format!("{}/postgres", names.postgres)).await
+                {
+                    let drop = format!(
+                        "drop database if exists \"{}\" with (force)",
+                        names.database
+                    );
+                    sqlx::query(sqlx::AssertSqlSafe(drop))
+                        .execute(&mut admin)
+                        .await
+                        .ok();
+                }
+            });
+        });
+        cleanup.join().ok();
+    }
+}
