@@ -6,6 +6,9 @@
 #
 #   bench/compare.sh BASELINE_BIN CANDIDATE_BIN [ROUNDS] [BENCH FLAGS…]
 #   bench/compare.sh /tmp/qty-worker-before target/release/qty-worker 3 --messages 50000
+#
+# CAND_WORKER_FLAGS and CAND_BENCH_FLAGS add flags to the candidate's runs only,
+# e.g. CAND_WORKER_FLAGS="--publishers guest" CAND_BENCH_FLAGS="--user-id guest".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=${1:?baseline binary} cand=${2:?candidate binary} rounds=${3:-3}
@@ -16,7 +19,12 @@ for round in $(seq 1 "$rounds"); do
   for side in base cand; do
     bin=$base; [ "$side" = cand ] && bin=$cand
     # Each side migrates its own database with its own binary.
-    report=$(QTY_BIN=$bin bench/drain.sh 1 "" "$@")
+    if [ "$side" = cand ]; then
+      # shellcheck disable=SC2086
+      report=$(QTY_BIN=$bin bench/drain.sh 1 "${CAND_WORKER_FLAGS:-}" "$@" ${CAND_BENCH_FLAGS:-})
+    else
+      report=$(QTY_BIN=$bin bench/drain.sh 1 "" "$@")
+    fi
     echo "$report" | python3 -c "import json,sys; r=json.load(sys.stdin); print('$side', r['throughput_per_sec'], r['invariants_hold'], r['cpu_secs']['workers'] * 1e6 / r['messages'])" >> "$results"
     echo "round $round $side: $(echo "$report" | python3 bench/figure.py)"
   done

@@ -79,6 +79,10 @@ pub struct BenchArgs {
     /// Seed for the request mix, to repeat a run exactly.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// The `user_id` property of every request: the publishing user's own name
+    /// (RabbitMQ refuses any other), for a worker run with `QTY_PUBLISHERS`.
+    #[arg(long)]
+    pub user_id: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -199,11 +203,14 @@ async fn publish_all(
         }
         let body =
             serde_json::json!({ "item_id": request.item, "delta": request.delta }).to_string();
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_message_id(short(&request.message_id))
             .with_reply_to(short(reply_queue))
             .with_content_type(short("application/json"))
             .with_delivery_mode(2);
+        if let Some(user) = &args.user_id {
+            properties = properties.with_user_id(short(user));
+        }
         sent_at
             .entry(request.message_id.clone())
             .or_default()

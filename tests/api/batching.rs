@@ -295,10 +295,11 @@ async fn concurrent_duplicates_that_lock_no_item_are_still_recorded_once() {
 /// Calls `qty_adjust` with 50 new requests for item 1 on `connection`.
 async fn adjust_on(connection: &mut sqlx::PgConnection, round: usize) {
     let ids: Vec<String> = (0..50).map(|n| format!("r{round}-{n}")).collect();
-    sqlx::query("select count(*) from qty_adjust($1, $2, $3, 1000)")
+    sqlx::query("select count(*) from qty_adjust($1, $2, $3, $4, 1000)")
         .bind(&ids)
         .bind(vec![Uuid::from_u128(1); 50])
         .bind(vec![1_i64; 50])
+        .bind(vec![None::<String>; 50])
         .execute(connection)
         .await
         .expect("adjust");
