@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 type Sent = Arc<Mutex<HashMap<String, Instant>>>;
+/// Replies by request message_id: when each arrived, and its `qty`.
+type Answered = Arc<Mutex<HashMap<String, (Instant, Option<i64>)>>>;
 
 /// Healthy traffic's outcome.
 struct Figures {
@@ -60,8 +62,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let (reply_queue, replies) = listen(&channel, None).await;
-    // Replies, by request message_id: when each arrived, and its qty.
-    let answered: Arc<Mutex<HashMap<String, (Instant, Option<i64>)>>> = Arc::default();
+    let answered: Answered = Arc::default();
     {
         let answered = answered.clone();
         tokio::spawn(async move {
@@ -228,7 +229,7 @@ impl Publish<'_> {
         items: &[Uuid],
         label: &str,
         seconds: u64,
-        answered: &Arc<Mutex<HashMap<String, (Instant, Option<i64>)>>>,
+        answered: &Answered,
     ) -> Result<Figures, lapin::Error> {
         let count = (seconds * 100) as usize;
         let started = Instant::now();
@@ -266,7 +267,7 @@ impl Publish<'_> {
 
 /// Waits until every id is answered, or `within` has passed.
 async fn wait_for(
-    answered: &Arc<Mutex<HashMap<String, (Instant, Option<i64>)>>>,
+    answered: &Answered,
     ids: impl Iterator<Item = String>,
     within: Duration,
 ) {
