@@ -32,7 +32,7 @@ cleanup() {
   done
   wait 2>/dev/null || true
   bench/forget-names.sh "$QTY_EXCHANGE" "$QTY_QUEUE"
-  [ -n "${BENCH_DATABASE_URL:-}" ] || psql -q -h 127.0.0.1 -U postgres -c "drop database if exists $db" postgres
+  [ -n "${BENCH_DATABASE_URL:-}" ] || psql -q -h 127.0.0.1 -U postgres -c "drop database if exists $db with (force)" postgres
 }
 trap cleanup EXIT
 

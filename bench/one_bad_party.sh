@@ -5,11 +5,11 @@
 # traffic alone (examples/one_bad_party.rs), and the worker's peak RSS and its
 # set-aside, refused and dead-letter counters. Leaves nothing behind.
 #
-#   bench/one_bad_party.sh
+#   bench/one_bad_party.sh          (QTY_BIN=another/qty-worker to compare a build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --quiet --release --locked --bin qty-worker --example one_bad_party
-bin=target/release/qty-worker
+bin=${QTY_BIN:-target/release/qty-worker}
 suffix=$(date +%s%N)
 db=qtyw_badparty_$suffix
 export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db
@@ -21,7 +21,7 @@ cleanup() {
   [ -n "${worker:-}" ] && kill -TERM "$worker" 2>/dev/null || true
   wait 2>/dev/null || true
   bench/forget-names.sh "$QTY_EXCHANGE" "$QTY_QUEUE"
-  psql -q -h 127.0.0.1 -U postgres -c "drop database if exists $db" postgres
+  psql -q -h 127.0.0.1 -U postgres -c "drop database if exists $db with (force)" postgres
   rm -rf "$log"
 }
 trap cleanup EXIT

@@ -260,17 +260,17 @@ impl Publish<'_> {
             answered: latencies.len(),
             p50_ms: at(0.50),
             p99_ms: at(0.99),
-            per_second: latencies.len() as f64 / (seconds as f64 + at(0.99) / 1000.0),
+            per_second: if latencies.is_empty() {
+                0.0
+            } else {
+                latencies.len() as f64 / (seconds as f64 + at(0.99) / 1000.0)
+            },
         })
     }
 }
 
 /// Waits until every id is answered, or `within` has passed.
-async fn wait_for(
-    answered: &Answered,
-    ids: impl Iterator<Item = String>,
-    within: Duration,
-) {
+async fn wait_for(answered: &Answered, ids: impl Iterator<Item = String>, within: Duration) {
     let ids: Vec<String> = ids.collect();
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {

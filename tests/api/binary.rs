@@ -68,7 +68,7 @@ async fn item_and_adjust_commands_show_each_outcome_by_exit_code() {
 #[tokio::test]
 async fn migrate_creates_the_database_and_nothing_else() {
     let names = Names::random();
-    let cleanup = scopeguard(names.clone());
+    let cleanup = names.removed_on_drop();
     let (code, _, err) = run_to_end(qty_worker(&names).arg("migrate"));
     assert_eq!(code, 0, "{err}");
     let pool = sqlx::PgPool::connect(&names.database_url())
@@ -96,17 +96,6 @@ async fn migrate_creates_the_database_and_nothing_else() {
         .await;
     assert!(declared.is_err(), "migrate must not declare the queue");
     drop(cleanup);
-}
-
-/// Removes a test's names when dropped.
-struct Cleanup(Names);
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        self.0.remove_all();
-    }
-}
-fn scopeguard(names: Names) -> Cleanup {
-    Cleanup(names)
 }
 
 #[tokio::test]

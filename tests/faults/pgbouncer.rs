@@ -76,6 +76,7 @@ async fn two_migrations_at_once_through_pgbouncer_create_one_schema() {
         return;
     }
     let names = qty_test_support::app::Names::random();
+    let _cleanup = names.removed_on_drop();
     let bouncer = PgBouncer::start("127.0.0.1:5432".parse().expect("address"), 1);
     let url = bouncer.url(&names.database);
     let running: Vec<_> = (0..2)
@@ -109,5 +110,4 @@ async fn two_migrations_at_once_through_pgbouncer_create_one_schema() {
     assert_eq!(applied, migrations);
     assert_eq!(applied as usize, sqlx::migrate!().iter().count());
     pool.close().await;
-    names.remove_all();
 }

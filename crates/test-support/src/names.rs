@@ -46,6 +46,11 @@ impl Names {
         }
     }
 
+    /// A guard that removes these names when dropped, even when the test fails.
+    pub fn removed_on_drop(&self) -> RemovedOnDrop {
+        RemovedOnDrop(self.clone())
+    }
+
     pub fn database_url(&self) -> String {
         format!("{}/{}", self.postgres, self.database)
     }
@@ -131,5 +136,14 @@ impl Names {
             });
         });
         cleanup.join().ok();
+    }
+}
+
+/// Removes its names when dropped (see [`Names::removed_on_drop`]).
+pub struct RemovedOnDrop(Names);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        self.0.remove_all();
     }
 }
