@@ -108,6 +108,11 @@ impl Addresses {
             .store((index + 1) % self.nodes.len(), Ordering::Relaxed);
     }
 
+    /// The user the connection to address `index` authenticates as.
+    pub fn username(&self, index: usize) -> &str {
+        &self.nodes[index].uri.authority.userinfo.username
+    }
+
     /// The address `index`, password hidden.
     pub fn shown(&self, index: usize) -> &str {
         &self.nodes[index].shown

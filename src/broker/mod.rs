@@ -22,6 +22,14 @@ pub async fn connect(broker: &BrokerArgs, name: &str) -> anyhow::Result<Connecti
     Ok(connection)
 }
 
+/// Connects like [`connect`], and says as which user: the only `user_id` a
+/// publisher on this connection may set (RabbitMQ validates it).
+pub async fn connect_as(broker: &BrokerArgs, name: &str) -> anyhow::Result<(Connection, String)> {
+    let addresses = Addresses::parse(broker)?;
+    let (connection, index) = addresses.connect(name).await?;
+    Ok((connection, addresses.username(index).to_owned()))
+}
+
 /// Declares a server-named queue that lives as long as this connection, for
 /// replies to come back to; returns its name.
 pub async fn declare_private_queue(channel: &Channel) -> lapin::Result<String> {

@@ -17,7 +17,9 @@ const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// Publishes one request, waits for its reply on direct reply-to, prints it.
 pub async fn run(args: AdjustArgs, output: Output) -> anyhow::Result<ExitCode> {
-    let connection = broker::connect(&args.broker, "qty-worker adjust").await?;
+    // The request names its publisher (`user_id`), as every publisher should:
+    // a worker with QTY_PUBLISHERS serves only listed ones.
+    let (connection, user) = broker::connect_as(&args.broker, "qty-worker adjust").await?;
     let exchange = &args.exchange.exchange;
     let channel = connection.create_channel().await?;
     // Direct reply-to requires consuming (no-ack) before publishing.
@@ -35,6 +37,7 @@ pub async fn run(args: AdjustArgs, output: Output) -> anyhow::Result<ExitCode> {
         .with_correlation_id(short(&message_id))
         .with_reply_to(short(DIRECT_REPLY_TO))
         .with_content_type(short("application/json"))
+        .with_user_id(short(&user))
         .with_delivery_mode(2);
     let confirm = channel
         .basic_publish(

@@ -63,6 +63,14 @@ async fn item_and_adjust_commands_show_each_outcome_by_exit_code() {
     );
     let (code, _, err) = run_to_end(qty_worker(names).args(["item", "show", &missing]));
     assert_eq!(code, 3, "{err}");
+    // `adjust` names its publisher: the user it connected as (guest here).
+    let (code, out, err) = run_to_end(qty_worker(names).args(["ledger", &id, "--json"]));
+    assert_eq!(code, 0, "{err}");
+    let rows = json_lines(&out);
+    assert!(
+        !rows.is_empty() && rows.iter().all(|r| r["publisher"] == "guest"),
+        "{out}"
+    );
 }
 
 #[tokio::test]
