@@ -11,6 +11,7 @@ use crate::admit::Publishers;
 use crate::apply::{Applier, Pending};
 use crate::broker::header_text;
 use crate::decode::{Invalid, RequestProps, decode};
+use crate::direct_replies::DirectReplies;
 use crate::health::Health;
 use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
@@ -45,6 +46,8 @@ pub struct Context {
 pub struct Link {
     /// A confirm-mode channel on the same connection, for replies.
     pub replies: Channel,
+    /// The connection replies to direct reply-to names go out on.
+    pub direct: DirectReplies,
     /// Settles deliveries on the channel that delivered them.
     pub acks: Acks,
     /// Fires when the connection is given up, at which point the delivery can no
@@ -242,8 +245,12 @@ async fn process(
         metrics: &ctx.metrics,
         refused_log: &ctx.refused_log,
     };
+    let channels = reply::Channels {
+        session: &link.replies,
+        direct: &link.direct,
+    };
     let delivered = reply::send_until_confirmed(
-        &link.replies,
+        &channels,
         &ctx.exchange,
         route,
         &verdict,

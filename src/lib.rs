@@ -30,6 +30,7 @@ pub mod cli;
 pub mod commands;
 pub mod decode;
 pub mod delivery;
+pub mod direct_replies;
 pub mod health;
 pub mod http;
 pub mod log_budget;

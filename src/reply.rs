@@ -9,6 +9,7 @@
 
 use crate::backoff::Backoff;
 use crate::broker::short;
+use crate::direct_replies::{self, DirectReplies};
 use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
 use crate::outcome::Verdict;
@@ -128,24 +129,54 @@ pub struct Reporting<'a> {
     pub refused_log: &'a LogBudget,
 }
 
+/// Where replies go out: the session's confirm channel, and the connection of
+/// their own that replies to direct reply-to names use (see `direct_replies`).
+pub struct Channels<'a> {
+    pub session: &'a Channel,
+    pub direct: &'a DirectReplies,
+}
+
 /// Publishes the reply until the broker settles it (see [`Delivered`]).
 pub async fn send_until_confirmed(
-    channel: &Channel,
+    channels: &Channels<'_>,
     exchange: &str,
     route: &ReplyRoute,
     verdict: &Verdict,
     lost: &CancellationToken,
     reporting: &Reporting<'_>,
 ) -> Delivered {
+    let direct = direct_replies::is_direct(route.reply_to.as_deref());
     let mut refused = 0;
+    let mut direct_closed = 0;
     let mut refused_backoff = REFUSED_BACKOFF;
     let mut failed_backoff = FAILED_BACKOFF;
     loop {
+        let channel = if direct {
+            match lost.run_until_cancelled(channels.direct.channel()).await {
+                None => return Delivered::Lost,
+                Some(Ok(channel)) => channel,
+                Some(Err(error)) => {
+                    reporting.metrics.dependency_error("broker");
+                    tracing::warn!(%error, "cannot open the direct-reply connection");
+                    let wait = failed_backoff.fail();
+                    if lost
+                        .run_until_cancelled(tokio::time::sleep(wait))
+                        .await
+                        .is_none()
+                    {
+                        return Delivered::Lost;
+                    }
+                    continue;
+                }
+            }
+        } else {
+            channels.session.clone()
+        };
         // Boxed: nested in the per-delivery future, this future's state would be
         // copied at each level and make that future several kilobytes, past the
         // allocator's fast path for small blocks.
         let sent = lost
-            .run_until_cancelled(Box::pin(send(channel, exchange, route, verdict)))
+            .run_until_cancelled(Box::pin(send(&channel, exchange, route, verdict)))
             .await;
         let wait = match sent {
             None => return Delivered::Lost,
@@ -178,6 +209,21 @@ pub async fn send_until_confirmed(
                     return Delivered::Settled;
                 }
                 refused_backoff.fail()
+            }
+            Some(Err(error)) if direct && !channel.status().connected() => {
+                // Closed under this reply, or under another one that shared the
+                // connection: once more on a fresh connection tells them apart.
+                direct_closed += 1;
+                if direct_closed < 2 {
+                    continue;
+                }
+                reporting.metrics.replies_unroutable.inc();
+                tracing::warn!(
+                    reply_to = route.reply_to.as_deref(),
+                    %error,
+                    "the broker closed the connection rather than take this direct reply-to (its requester has gone?); given up, the request is acked and its outcome stays in the ledger"
+                );
+                return Delivered::Settled;
             }
             Some(Err(error)) => {
                 reporting.metrics.dependency_error("broker");

@@ -13,6 +13,7 @@ use crate::apply::set_aside::SetAside;
 use crate::backoff::Backoff;
 use crate::broker::{Addresses, DeclareError, Topology};
 use crate::delivery::{self, Context, Link};
+use crate::direct_replies::DirectReplies;
 use crate::health::{BrokerState, DatabaseState, Health};
 use crate::http;
 use crate::log_budget::LogBudget;
@@ -413,6 +414,7 @@ impl Session {
             draining: VecDeque::new(),
             link: Arc::new(Link {
                 replies,
+                direct: DirectReplies::new(worker.addresses.clone()),
                 acks,
                 lost,
             }),
@@ -507,9 +509,10 @@ impl Session {
         } = self;
         keeper.abort();
         drop(consumer);
+        let limit = Duration::from_secs(2);
+        tokio::time::timeout(limit, link.direct.close()).await.ok();
         let replies = link.replies.clone();
         drop(link);
-        let limit = Duration::from_secs(2);
         tokio::time::timeout(limit, settling.finish()).await.ok();
         tokio::time::timeout(limit, async {
             replies.close(200, "worker stopping".into()).await.ok();

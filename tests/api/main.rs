@@ -5,6 +5,7 @@ mod batching;
 mod binary;
 mod deploy;
 mod dev;
+mod direct_reply_to;
 mod invalid;
 mod least_privilege;
 mod ledger;
