@@ -58,7 +58,8 @@ impl Publisher {
         }
     }
 
-    /// Publishes a request; `user_id` as given (the broker checks it).
+    /// Publishes a request `mandatory`; `user_id` as given (the broker checks
+    /// it). A request no queue took is an error.
     async fn publish(
         &self,
         exchange: &str,
@@ -79,7 +80,10 @@ impl Publisher {
             .basic_publish(
                 exchange.into(),
                 "qty.adjust".into(),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 request_body(item, delta).as_bytes(),
                 properties,
             )
@@ -87,10 +91,9 @@ impl Publisher {
             .map_err(|e| e.to_string())?
             .await
             .map_err(|e| e.to_string())?;
-        if confirm.is_ack() {
-            Ok(())
-        } else {
-            Err(format!("{confirm:?}"))
+        match confirm {
+            lapin::Confirmation::Ack(None) => Ok(()),
+            other => Err(format!("not routed: {other:?}")),
         }
     }
 
@@ -221,16 +224,20 @@ async fn only_listed_publishers_adjust_and_the_worker_needs_only_its_documented_
     // With exactly its documented permissions the worker declares its topology
     // again when someone deletes it, and serves on.
     app.delete_exchange().await;
+    // Routed once the worker has declared the exchange and its binding again
+    // (a publish to a missing exchange would close the publisher's channel).
     eventually(
         "the worker to declare its exchange again",
         Duration::from_secs(30),
         || async { app.exchange_exists().await },
     )
     .await;
-    orders
-        .publish(&exchange, "o-3", Some("orders"), item, -1)
-        .await
-        .expect("published");
+    eventually(
+        "a request to be routed to the worker's queue again",
+        Duration::from_secs(30),
+        || orders.publish(&exchange, "o-3", Some("orders"), item, -1),
+    )
+    .await;
     assert_eq!(orders.reply().await.outcome(), "applied");
     drop(app);
     drop(cluster);
