@@ -100,6 +100,21 @@ impl Publisher {
     async fn reply(&mut self) -> Reply {
         next_reply(&mut self.replies, "a reply to the publisher").await
     }
+
+    /// Publishes a request that must be routed, and waits for its reply.
+    async fn adjust(
+        &mut self,
+        exchange: &str,
+        message_id: &str,
+        user_id: Option<&str>,
+        item: Uuid,
+        delta: i64,
+    ) -> Reply {
+        self.publish(exchange, message_id, user_id, item, delta)
+            .await
+            .expect("published");
+        self.reply().await
+    }
 }
 
 async fn ledger_publisher(app: &TestApp, message_id: &str) -> Option<Option<String>> {
@@ -136,11 +151,9 @@ async fn only_listed_publishers_adjust_and_the_worker_needs_only_its_documented_
 
     // A listed publisher: applied, replied to its own queue, and the ledger
     // names it.
-    orders
-        .publish(&exchange, "o-1", Some("orders"), item, -1)
-        .await
-        .expect("published");
-    let reply = orders.reply().await;
+    let reply = orders
+        .adjust(&exchange, "o-1", Some("orders"), item, -1)
+        .await;
     assert_eq!(
         (reply.outcome(), reply.body["qty"].as_i64()),
         ("applied", Some(9))
@@ -151,11 +164,9 @@ async fn only_listed_publishers_adjust_and_the_worker_needs_only_its_documented_
     );
 
     // Another user, and a listed one without user_id: forbidden, nothing recorded.
-    stranger
-        .publish(&exchange, "s-1", Some("stranger"), item, -5)
-        .await
-        .expect("published");
-    let reply = stranger.reply().await;
+    let reply = stranger
+        .adjust(&exchange, "s-1", Some("stranger"), item, -5)
+        .await;
     assert_eq!(
         (reply.outcome(), reply.reason()),
         ("rejected", Some("forbidden"))
@@ -169,11 +180,7 @@ async fn only_listed_publishers_adjust_and_the_worker_needs_only_its_documented_
         reply.body
     );
     assert_eq!(reply.body["item_id"], item.to_string());
-    orders
-        .publish(&exchange, "o-2", None, item, -1)
-        .await
-        .expect("published");
-    let reply = orders.reply().await;
+    let reply = orders.adjust(&exchange, "o-2", None, item, -1).await;
     assert_eq!(
         (reply.outcome(), reply.reason()),
         ("rejected", Some("forbidden"))
@@ -200,11 +207,9 @@ async fn only_listed_publishers_adjust_and_the_worker_needs_only_its_documented_
         .publish(&exchange, "k-shared", Some("stranger"), item, -9)
         .await
         .expect("published");
-    orders
-        .publish(&exchange, "k-shared", Some("orders"), item, -2)
-        .await
-        .expect("published");
-    let reply = orders.reply().await;
+    let reply = orders
+        .adjust(&exchange, "k-shared", Some("orders"), item, -2)
+        .await;
     assert_eq!(
         (reply.outcome(), reply.body["qty"].as_i64()),
         ("applied", Some(7))
