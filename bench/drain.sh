@@ -5,8 +5,8 @@
 # context switches (`worker_context_switches`). Extra
 # arguments go to `qty-worker bench`. QTY_BIN picks the binary (default
 # target/release/qty-worker); WORKER_CMD runs another worker instead;
-# WORKER_DATABASE_URL_TEMPLATE (a URL without the database name) gives the workers
-# another way to the run's database (a PgBouncer in front of it, say:
+# WORKER_DATABASE_URL_TEMPLATE (a URL with `{db}` where the database name goes)
+# gives the workers another way to the run's database (a PgBouncer in front of it, say:
 # bench/pgbouncer.sh).
 #
 #   bench/drain.sh WORKERS "WORKER FLAGS" [BENCH FLAGS…]
@@ -57,7 +57,7 @@ broker_before=$(ticks "$broker_pid") bench_before=$(ticks "$bench_pid") busy_bef
 database_before=$(database)
 
 worker_database_url=$DATABASE_URL
-[ -z "${WORKER_DATABASE_URL_TEMPLATE:-}" ] || worker_database_url=$WORKER_DATABASE_URL_TEMPLATE$db
+[ -z "${WORKER_DATABASE_URL_TEMPLATE:-}" ] || worker_database_url=${WORKER_DATABASE_URL_TEMPLATE//\{db\}/$db}
 pids=()
 for n in $(seq 1 "$workers"); do
   if [ -n "${WORKER_CMD:-}" ]; then

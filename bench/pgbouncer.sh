@@ -37,9 +37,10 @@ results=$(mktemp)
 for round in $(seq 1 "$rounds"); do
   for side in direct pgbouncer; do
     # drain.sh makes a fresh database per run; the workers reach it through
-    # PgBouncer with the same name.
+    # PgBouncer with the same name, keeping no prepared statement (README,
+    # "PgBouncer").
     if [ "$side" = pgbouncer ]; then
-      export WORKER_DATABASE_URL_TEMPLATE="postgres://postgres@127.0.0.1:$port/"
+      export WORKER_DATABASE_URL_TEMPLATE="postgres://postgres@127.0.0.1:$port/{db}?statement-cache-capacity=0"
     else
       unset WORKER_DATABASE_URL_TEMPLATE
     fi

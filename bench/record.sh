@@ -1,100 +1,156 @@
 #!/usr/bin/env bash
-# The benchmark record in BENCHMARKS.md, all in one session on one machine:
-#   - the honest per-message ceiling (bench/pgbench.sh: 1,000 items, prepared
-#     statements, 16 clients);
-#   - backlog drains over 1,000 items and onto one hot item, with peak RSS and
-#     CPU per request by process;
-#   - the broker's own ceiling for this traffic (examples/broker_ceiling.rs: a
-#     lapin consumer that replies and acks, no database);
-#   - the Python worker (pika + psycopg);
-#   - publish→reply latency at 1,000/s and at half the drain rate just measured.
-# Ends with the ratios the targets are stated in.
+# What a request costs at low load, against what its parts cost alone: in one
+# run, over ROUNDS interleaved rounds, at 1,000 requests/s and at a quarter of
+# the drain rate measured first,
+#   - the worker: `qty-worker bench --rate` publishes at a steady rate and times
+#     publish→reply;
+#   - the broker alone: examples/broker_ceiling.rs (a bare lapin consumer that
+#     publishes a confirmed reply to `reply_to`, then acks; no database) under the
+#     same bench;
+#   - the database alone: pgbench running the per-message transaction
+#     (bench/per_message.sql, prepared, 16 clients) at the same rate.
+# Each line gives p50 and p99 and the CPU per request of the client, RabbitMQ
+# and PostgreSQL, and how busy the whole machine was. The end prints the
+# medians and the ratios issue 20's targets are stated in.
 #
-#   bench/record.sh [MESSAGES]      (default 50000)
+#   bench/record.sh [ROUNDS] [SECONDS]     (defaults 3 and 8)
+# QTY_BIN picks the worker binary (default target/release/qty-worker).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-n=${1:-50000}
+rounds=${1:-3}
+secs=${2:-8}
 cargo build --release --quiet --bin qty-worker --example broker_ceiling
+bin=${QTY_BIN:-target/release/qty-worker}
 out=$(mktemp -d)
-figure() { python3 bench/figure.py < "$1"; }
+source bench/cpu.sh
 field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$1" "$2"; }
 
-echo "date: $(date -u +%FT%TZ), $(nproc) cores"
-pgbench_tps=$(bench/pgbench.sh 20 1000 | awk '{print $3}')
-echo "pgbench, one transaction per message, 1,000 items, -M prepared, 16 clients: $pgbench_tps tps"
-bench/drain.sh 1 "" --messages "$n" --items 1000 > "$out/spread.json"
-echo "drain $n over 1,000 items:       $(figure "$out/spread.json")"
-bench/drain.sh 1 "" --messages "$n" --items 1 > "$out/hot.json"
-echo "drain $n onto one hot item:      $(figure "$out/hot.json")"
-WORKER_CMD=target/release/examples/broker_ceiling bench/drain.sh 1 "" --messages "$n" --items 1000 > "$out/ceiling.json"
-echo "broker only (no database; its replies are placeholders, so no invariants): $(field "$out/ceiling.json" "f\"{r['throughput_per_sec']:.0f} msg/s, client CPU {r['cpu_secs']['workers'] * 1e6 / r['messages']:.0f} µs/request\"")"
+echo "date: $(date -u +%FT%TZ), $(nproc) cores, $($bin --version)"
+QTY_BIN=$bin bench/drain.sh 1 "" --messages 20000 --items 1000 > "$out/drain.json"
+drain=$(field "$out/drain.json" "int(r['throughput_per_sec'])")
+echo "drain of 20000 over 1,000 items: $drain msg/s"
 
-# The Python baseline runs in its own virtualenv, with pinned client libraries.
-venv=${XDG_CACHE_HOME:-$HOME/.cache}/qty-worker/bench-venv
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install --quiet --disable-pip-version-check pika==1.4.4 'psycopg[binary]==3.3.9'
-python_n=$((n / 5))
-WORKER_CMD="$venv/bin/python bench/python_worker.py" bench/drain.sh 1 "" --messages "$python_n" --items 1000 > "$out/python.json"
-echo "drain $python_n, Python worker:   $(figure "$out/python.json")"
-
-# Latency at fixed rates, with the worker already consuming. The bench publishes
-# on the same 2 cores meanwhile, so the machine's busy share is printed too. Then
-# the same rates through the broker alone (examples/broker_ceiling.rs on the same
-# queue, no database): what publishing, the quorum queue and a bare lapin client
-# leave of the machine at that rate.
-half=$(field "$out/spread.json" "int(r['throughput_per_sec'] / 2)")
 suffix=$(date +%s%N)
-db=qtyw_rate_$suffix
-export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db QTY_EXCHANGE=bench-rate-$suffix QTY_QUEUE=bench-rate-$suffix.adjust
-http=127.0.0.1:19465
-target/release/qty-worker run --log-format json --http-addr $http 2>/dev/null &
-worker=$!
-trap 'kill -TERM $worker 2>/dev/null; wait $worker || true; bench/forget-names.sh "$QTY_EXCHANGE" "$QTY_QUEUE"; psql -q -h 127.0.0.1 -U postgres -c "drop database if exists $db" postgres' EXIT
-for _ in $(seq 1 100); do
-  curl -fs "http://$http/readyz" >/dev/null && break
-  kill -0 $worker || { echo "the worker exited" >&2; exit 1; }
-  sleep 0.1
-done
-source bench/cpu.sh
-broker_pid=$(find_broker)
-# CPU µs per request from a tick count over the run.
-per_request() { echo $(( $1 * 1000000 / $(getconf CLK_TCK) / $2 )); }
-fixed_rates() {
-  local label=$1 rate n client broker database busy_before total_before busy_after total_after
-  for rate in ${RATES:-1000 $half}; do
-    n=$((rate * 5))
-    client=$(ticks $worker) broker=$(ticks "$broker_pid") database=$(database)
-    busy_before=$(busy) total_before=$(elapsed)
-    # The window includes the bench creating its 1,000 items: under 3 µs a
-    # request of database CPU, as the broker-only runs show. The bench itself is
-    # left out: its figure would include that set-up.
-    target/release/qty-worker bench --json --rate "$rate" --messages $n --items 1000 > "$out/rate.json"
-    busy_after=$(busy) total_after=$(elapsed)
-    client=$(per_request $(( $(ticks $worker) - client )) $n)
-    broker=$(per_request $(( $(ticks "$broker_pid") - broker )) $n)
-    database=$(per_request $(( $(database) - database )) $n)
-    echo "$label, rate $rate/s for $n requests: $(field "$out/rate.json" "f\"{r['throughput_per_sec']:.0f} msg/s, p50 {r['latency_ms']['p50']:.1f} ms, p99 {r['latency_ms']['p99']:.1f} ms\""); CPU µs/request: client $client, broker $broker, database $database; machine $(( (busy_after - busy_before) * 100 / (total_after - total_before) ))% busy"
+worker_db=qtyw_record_$suffix pgbench_db=qtyw_record_pgbench_$suffix
+worker_names=bench-record-$suffix broker_names=bench-record-broker-$suffix
+http=127.0.0.1:19466
+pids=()
+cleanup() {
+  for pid in "${pids[@]:-}"; do [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  bench/forget-names.sh "$worker_names" "$worker_names.adjust"
+  bench/forget-names.sh "$broker_names" "$broker_names.adjust"
+  for db in "$worker_db" "$pgbench_db"; do
+    psql -q -h 127.0.0.1 -U postgres -c "drop database if exists $db with (force)" postgres
   done
+  rm -rf "$out"
 }
-fixed_rates "qty-worker"
-kill -TERM $worker; wait $worker || true
-ceiling_log=$out/broker_ceiling.log
-target/release/examples/broker_ceiling 2> "$ceiling_log" &
-worker=$!
+trap cleanup EXIT
+
+# A worker that has declared NAMES and answers on $http.
+start_worker() {
+  DATABASE_URL=postgres://postgres@127.0.0.1:5432/$worker_db QTY_EXCHANGE=$1 QTY_QUEUE=$1.adjust \
+    "$bin" run --log-format json --http-addr $http 2>/dev/null &
+  pids+=($!)
+  for _ in $(seq 1 100); do
+    curl -fs "http://$http/readyz" >/dev/null && return
+    kill -0 $! || { echo "the worker exited" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "the worker did not become ready" >&2
+  exit 1
+}
+# The broker-only client's queue is declared by a worker that then stops, so
+# both clients consume the same topology; the bench's items are created in the
+# worker's database (it needs one), which the broker-only client never reads.
+start_worker "$broker_names"
+kill -TERM "${pids[-1]}"; wait "${pids[-1]}" || true
+AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f QTY_QUEUE=$broker_names.adjust \
+  target/release/examples/broker_ceiling 2> "$out/broker_ceiling.log" &
+pids+=($!)
+broker_client=$!
 for _ in $(seq 1 100); do
-  grep -q consuming "$ceiling_log" && break
-  kill -0 $worker || { echo "broker_ceiling exited: $(cat "$ceiling_log")" >&2; exit 1; }
+  grep -q consuming "$out/broker_ceiling.log" && break
   sleep 0.1
 done
-fixed_rates "broker only"
+grep -q consuming "$out/broker_ceiling.log" || { echo "broker_ceiling: $(cat "$out/broker_ceiling.log")" >&2; exit 1; }
+start_worker "$worker_names"
+worker=${pids[-1]}
+bench/item_db.sh "$pgbench_db" 1000
+broker_pid=$(find_broker)
 
-python3 - "$pgbench_tps" "$out" <<'PY'
-import json, sys
-pgbench, out = float(sys.argv[1]), sys.argv[2]
-r = {name: json.load(open(f"{out}/{name}.json")) for name in ("spread", "hot", "python", "ceiling")}
-rate = {name: report["throughput_per_sec"] for name, report in r.items()}
-cpu = r["spread"]["cpu_secs"]["workers"] * 1e6 / r["spread"]["messages"]
-print(f"ratios: drain/pgbench {rate['spread'] / pgbench:.2f}, hot/spread {rate['hot'] / rate['spread']:.2f}, "
-      f"qty-worker/Python {rate['spread'] / rate['python']:.1f}, drain/broker-only {rate['spread'] / rate['ceiling']:.2f}; "
-      f"worker CPU {cpu:.0f} µs/request, peak RSS {r['spread']['worker_peak_rss_mib']} MiB")
+# CPU µs per request from a tick count.
+per_request() { echo $(( $1 * 1000000 / $(getconf CLK_TCK) / $2 )); }
+# One line of the record: ROW RATE P50 P99 CLIENT BROKER DATABASE BUSY%.
+record() { printf '%s\n' "$*" >> "$out/rows"; printf '%-13s %6s/s  p50 %6s ms  p99 %6s ms  CPU µs/request: client %4s, broker %4s, database %4s; machine %s%% busy\n' "$@"; }
+
+# qty-worker or the broker-only client, under the bench at RATE.
+through_broker() {
+  local row=$1 rate=$2 client_pid=$3 names=$4 n c b d busy0 total0
+  n=$((rate * secs))
+  c=$(ticks "$client_pid") b=$(ticks "$broker_pid") d=$(database) busy0=$(busy) total0=$(elapsed)
+  DATABASE_URL=postgres://postgres@127.0.0.1:5432/$worker_db QTY_EXCHANGE=$names QTY_QUEUE=$names.adjust \
+    "$bin" bench --json --rate "$rate" --messages "$n" --items 1000 > "$out/rate.json" 2>/dev/null || true
+  record "$row" "$rate" \
+    "$(field "$out/rate.json" "f\"{r['latency_ms']['p50']:.2f}\"")" \
+    "$(field "$out/rate.json" "f\"{r['latency_ms']['p99']:.2f}\"")" \
+    "$(per_request $(( $(ticks "$client_pid") - c )) "$n")" \
+    "$(per_request $(( $(ticks "$broker_pid") - b )) "$n")" \
+    "$(per_request $(( $(database) - d )) "$n")" \
+    "$(( ($(busy) - busy0) * 100 / ($(elapsed) - total0) ))"
+}
+
+# pgbench at RATE. Its backends exit at the end and take their CPU time with
+# them, so the CPU is sampled while it runs, leaving out its first and last
+# second; latency includes the schedule lag, as publish→reply includes queueing.
+per_message() {
+  local rate=$1 d b busy0 total0 dd bb busy1 total1
+  rm -f "$out"/pgbench_log*
+  pgbench -h 127.0.0.1 -U postgres -n -M prepared -c 16 -j 2 -R "$rate" -T "$secs" -D items=1000 \
+    -l --log-prefix="$out/pgbench_log" -f bench/per_message.sql "$pgbench_db" > /dev/null 2>&1 &
+  local pgbench=$!
+  sleep 1
+  d=$(database) b=$(ticks "$broker_pid") busy0=$(busy) total0=$(elapsed)
+  sleep $((secs - 2))
+  dd=$(database) bb=$(ticks "$broker_pid") busy1=$(busy) total1=$(elapsed)
+  wait $pgbench
+  local n=$((rate * (secs - 2)))
+  read -r p50 p99 < <(cat "$out"/pgbench_log* | python3 -c '
+import sys
+lat = sorted((int(f[2]) + (int(f[6]) if len(f) > 6 else 0)) / 1000 for f in (l.split() for l in sys.stdin))
+print(f"{lat[len(lat) // 2]:.2f} {lat[int(len(lat) * 0.99)]:.2f}")')
+  record pgbench "$rate" "$p50" "$p99" - "$(per_request $((bb - b)) "$n")" "$(per_request $((dd - d)) "$n")" \
+    "$(( (busy1 - busy0) * 100 / (total1 - total0) ))"
+}
+
+for round in $(seq 1 "$rounds"); do
+  echo "round $round"
+  for rate in 1000 $((drain / 4)); do
+    through_broker qty-worker "$rate" "$worker" "$worker_names"
+    through_broker broker-only "$rate" "$broker_client" "$broker_names"
+    per_message "$rate"
+  done
+done
+
+python3 - "$out/rows" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    row, rate, *figures = line.split()
+    rows.setdefault((int(rate), row), []).append([None if f == "-" else float(f) for f in figures])
+def median(rate, row, column):
+    return statistics.median(r[column] for r in rows[(rate, row)])
+P50, P99, CLIENT, BROKER, DATABASE, BUSY = range(6)
+for rate in sorted({rate for rate, _ in rows}):
+    w = lambda c: median(rate, "qty-worker", c)
+    b = lambda c: median(rate, "broker-only", c)
+    p = lambda c: median(rate, "pgbench", c)
+    print(f"medians at {rate}/s: qty-worker p50 {w(P50):.2f} p99 {w(P99):.2f} ms, client {w(CLIENT):.0f} µs, PostgreSQL {w(DATABASE):.0f} µs, machine {w(BUSY):.0f}% busy; "
+          f"broker-only p50 {b(P50):.2f} p99 {b(P99):.2f} ms, client {b(CLIENT):.0f} µs; "
+          f"pgbench p50 {p(P50):.2f} p99 {p(P99):.2f} ms, PostgreSQL {p(DATABASE):.0f} µs")
+    print(f"ratios at {rate}/s (target ≤ 1.0, ≤ 1.0, ≤ 1.0, ≤ 1.1): "
+          f"p50 worker/(broker+pgbench) {w(P50) / (b(P50) + p(P50)):.2f}, "
+          f"p99 {w(P99) / (b(P99) + p(P99)):.2f}, "
+          f"PostgreSQL CPU worker/pgbench {w(DATABASE) / p(DATABASE):.2f}, "
+          f"client CPU worker/broker-only {w(CLIENT) / b(CLIENT):.2f}")
 PY

@@ -11,17 +11,33 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// One runtime thread. The AMQP client does its I/O on a thread of its own, and
-/// PostgreSQL and RabbitMQ need the cores too: a second runtime thread only adds
-/// wake-ups between the two, and one carries far more than the broker and the
-/// database can confirm (BENCHMARKS.md).
-#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
         Err(error) => return refused(error, &args),
     };
+    // `run` takes `--threads` (default one: the AMQP client does its I/O on a
+    // thread of its own, and PostgreSQL and RabbitMQ need the cores too); the
+    // operator commands need no more than one.
+    let threads = match &cli.command {
+        Command::Run(run) => run.worker.threads,
+        _ => 1,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(threads))
+        .enable_all()
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(command(cli)),
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn command(cli: Cli) -> ExitCode {
     let (log_format, otlp_endpoint, default_filter) = logging(&cli.command);
     let quiet = !matches!(cli.command, Command::Run(_) | Command::Migrate(_));
     let _telemetry = match telemetry::init(log_format, default_filter, otlp_endpoint.as_deref()) {

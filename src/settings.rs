@@ -6,6 +6,10 @@
 use clap::{Args, ValueEnum};
 use std::net::SocketAddr;
 
+/// Runtime threads unless `--threads` says otherwise (BENCHMARKS.md: one is the
+/// fastest on 2 cores shared with the broker and the database).
+pub const DEFAULT_THREADS: u16 = 1;
+
 /// How many deliveries are in flight at once unless `--prefetch` says otherwise.
 pub const DEFAULT_PREFETCH: u16 = 1000;
 
@@ -125,6 +129,12 @@ pub struct WorkerSettings {
     /// Deliveries in flight at once (AMQP prefetch); also bounds memory.
     #[arg(long, env = "QTY_PREFETCH", default_value_t = DEFAULT_PREFETCH, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
+
+    /// Threads that run the worker's tasks (the AMQP client does its I/O on a
+    /// thread of its own besides). One is the fastest on a small machine that
+    /// also runs the broker and the database; give more on a larger one.
+    #[arg(long, env = "QTY_THREADS", default_value_t = DEFAULT_THREADS, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: u16,
 
     /// Address of the /metrics, /healthz and /readyz listener; port 0 picks a free one.
     #[arg(long, env = "QTY_HTTP_ADDR", default_value = "127.0.0.1:9464")]

@@ -1,5 +1,12 @@
 //! The hot path: one call of the `qty_adjust` function (see `migrations/`) records
 //! and applies a batch of requests in one transaction.
+//!
+//! The call is a prepared statement, kept per connection: at low load a request
+//! is one call, and parsing and planning the call afresh cost PostgreSQL about a
+//! fifth of the transaction (BENCHMARKS.md). When `DATABASE_URL` says that
+//! connections keep no prepared statements (`statement-cache-capacity=0`, for
+//! PgBouncer's transaction pooling), the call is one simple query with its
+//! values written as literals instead (see `literal`).
 
 use super::{Database, StoreError, literal};
 use crate::decode::Request;
@@ -42,17 +49,36 @@ pub async fn adjust(
     lock_wait: Duration,
 ) -> Result<Vec<Answer>, StoreError> {
     let lock_wait_ms = i32::try_from(lock_wait.as_millis()).unwrap_or(i32::MAX);
-    let call = call_text(requests, lock_wait_ms);
     let mut connection = db.pool.acquire().await?;
-    // One simple query, not a prepared statement: see `literal` (PgBouncer).
-    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(call))
-        .fetch_all(&mut *connection)
-        .await
-        .and_then(|rows| {
-            rows.iter()
-                .map(AdjustRow::from_row)
-                .collect::<Result<Vec<_>, _>>()
-        });
+    let rows = if db.target.prepared_statements {
+        sqlx::query_as::<_, AdjustRow>(CALL)
+            .bind(
+                requests
+                    .iter()
+                    .map(|r| r.message_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(requests.iter().map(|r| r.item_id).collect::<Vec<_>>())
+            .bind(requests.iter().map(|r| r.delta).collect::<Vec<_>>())
+            .bind(
+                requests
+                    .iter()
+                    .map(|r| r.publisher.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(lock_wait_ms)
+            .fetch_all(&mut *connection)
+            .await
+    } else {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(call_text(requests, lock_wait_ms)))
+            .fetch_all(&mut *connection)
+            .await
+            .and_then(|rows| {
+                rows.iter()
+                    .map(AdjustRow::from_row)
+                    .collect::<Result<Vec<_>, _>>()
+            })
+    };
     let rows = rows.map_err(|error| {
         let error = StoreError::from(error);
         if error.spoils_connection() {
@@ -75,7 +101,12 @@ pub async fn adjust(
     rows.into_iter().map(AdjustRow::into_answer).collect()
 }
 
-/// The `qty_adjust` call for `requests`, its arguments written as literals.
+/// The `qty_adjust` call, as a prepared statement.
+const CALL: &str = "select pos, outcome, reason, qty_after, replayed \
+                    from qty_adjust($1, $2, $3, $4, $5) order by pos";
+
+/// The same call for `requests` as one simple query, its arguments written as
+/// literals.
 fn call_text(requests: &[&Request], lock_wait_ms: i32) -> String {
     format!(
         "select pos, outcome, reason, qty_after, replayed from qty_adjust({}, {}, {}, {}, {lock_wait_ms}) order by pos",

@@ -6,6 +6,11 @@
 //! worker follows a failover: the old primary refuses or turns read-only, the
 //! promoted standby accepts writes. sqlx parses single-host URLs only, so each
 //! host becomes a single-host URL of its own, with every other part kept.
+//!
+//! `statement-cache-capacity=0` (sqlx's own parameter) says that connections
+//! must keep no prepared statement: a pooler in transaction mode that does not
+//! keep them (PgBouncer 1.18) is in the way. The hot path then sends simple
+//! queries instead (see `adjust`).
 
 use crate::redact::redact;
 use crate::settings::SettingError;
@@ -52,6 +57,9 @@ pub struct NoHost(pub String);
 pub struct Target {
     hosts: Vec<(String, PgConnectOptions)>,
     pub attrs: SessionAttrs,
+    /// Whether connections may keep prepared statements (unless the URL has
+    /// `statement-cache-capacity=0`).
+    pub prepared_statements: bool,
     /// The URL with its password hidden, for messages.
     pub shown: String,
     /// The host new connections go to: the last one found usable.
@@ -80,6 +88,7 @@ impl Target {
         };
         let (path, query) = tail.split_once('?').unwrap_or((tail, ""));
         let mut attrs = None;
+        let mut prepared_statements = true;
         let kept: Vec<&str> = query
             .split('&')
             .filter(|pair| !pair.is_empty())
@@ -87,6 +96,11 @@ impl Target {
                 Some(("target_session_attrs", value)) => {
                     attrs = Some(value.to_owned());
                     false
+                }
+                // Passed on: sqlx's own statement cache obeys it too.
+                Some(("statement-cache-capacity", value)) => {
+                    prepared_statements = value.trim() != "0";
+                    true
                 }
                 _ => true,
             })
@@ -126,6 +140,7 @@ impl Target {
         Ok(Target {
             hosts: parsed,
             attrs,
+            prepared_statements,
             shown,
             current: AtomicUsize::new(0),
         })
@@ -264,6 +279,18 @@ mod tests {
         assert_eq!(target.hosts[1].1.get_application_name(), Some("x"));
         let any = Target::parse("postgres://h1,h2/inv?target_session_attrs=any").expect("parses");
         assert_eq!(any.attrs, SessionAttrs::Any);
+    }
+
+    #[test]
+    fn a_statement_cache_of_zero_turns_prepared_statements_off() {
+        let direct = Target::parse("postgres://u@h1/inv").expect("parses");
+        assert!(direct.prepared_statements);
+        let pooled =
+            Target::parse("postgres://u@h1:6432/inv?statement-cache-capacity=0").expect("parses");
+        assert!(!pooled.prepared_statements);
+        let cached =
+            Target::parse("postgres://u@h1/inv?statement-cache-capacity=10").expect("parses");
+        assert!(cached.prepared_statements);
     }
 
     #[test]

@@ -340,3 +340,180 @@ async fn the_ledger_lookup_never_scans_the_whole_ledger_however_much_it_grew() {
         .expect("read the table statistics");
     assert_eq!(after - before, 0, "qty_adjust read the whole ledger");
 }
+
+/// `qty_adjust`'s answer for one request and how often it went down the batch
+/// path (`qty_adjust_batch`), asked in a transaction of its own so that
+/// PostgreSQL's per-transaction function counts show the route.
+async fn adjust_one_counting_batch_path(
+    connection: &mut sqlx::PgConnection,
+    request: &Request,
+    lock_wait_ms: i32,
+) -> ((String, Option<String>, Option<i64>, bool), i64) {
+    use sqlx::Connection as _;
+    let mut transaction = connection.begin().await.expect("begin");
+    sqlx::query("set local track_functions = 'pl'")
+        .execute(&mut *transaction)
+        .await
+        .expect("track functions");
+    // Read before and after the call: counts not yet reported may include
+    // earlier transactions' calls.
+    let batch_calls = "select coalesce(sum(calls), 0)::bigint from pg_stat_xact_user_functions
+                        where funcname = 'qty_adjust_batch'";
+    let before: i64 = sqlx::query_scalar(batch_calls)
+        .fetch_one(&mut *transaction)
+        .await
+        .expect("function counts");
+    let answer = sqlx::query_as(
+        "select outcome, reason, qty_after, replayed from qty_adjust($1, $2, $3, $4, $5)",
+    )
+    .bind(vec![request.message_id.as_str()])
+    .bind(vec![request.item_id])
+    .bind(vec![request.delta])
+    .bind(vec![request.publisher.as_deref()])
+    .bind(lock_wait_ms)
+    .fetch_one(&mut *transaction)
+    .await
+    .expect("qty_adjust");
+    let after: i64 = sqlx::query_scalar(batch_calls)
+        .fetch_one(&mut *transaction)
+        .await
+        .expect("function counts");
+    let batch_calls = after - before;
+    transaction.commit().await.expect("commit");
+    (answer, batch_calls)
+}
+
+/// Every ledger row but its timestamp, in message_id order.
+async fn ledger(
+    pool: &PgPool,
+) -> Vec<(
+    String,
+    Uuid,
+    i64,
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+)> {
+    sqlx::query_as(
+        "select message_id, item_id, delta, outcome, reason, qty_after, publisher
+           from adjustments order by message_id",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("read the ledger")
+}
+
+#[tokio::test]
+async fn a_lone_request_takes_the_short_path_and_answers_and_records_as_the_batch_path_does() {
+    use sqlx::Connection as _;
+    for seed in 1..=3u64 {
+        let (items, requests) = random_stream(seed, 300);
+        let short = TestDb::create().await;
+        let batch = TestDb::create().await;
+        short.seed(&items).await;
+        batch.seed(&items).await;
+        let mut connection = sqlx::PgConnection::connect(&short.names.database_url())
+            .await
+            .expect("connect");
+        let mut short_answers = Vec::new();
+        let mut batch_answers = Vec::new();
+        let (mut short_path, mut batch_path) = (0, 0);
+        for (n, request) in requests.iter().enumerate() {
+            let mut request = request.clone();
+            request.publisher = (n % 3 == 0).then(|| format!("publisher-{n}"));
+            let (answer, batch_calls) =
+                adjust_one_counting_batch_path(&mut connection, &request, 200).await;
+            let item_exists = items.iter().any(|(id, _)| *id == request.item_id);
+            // Only a request for an item that does not exist needs the batch
+            // path (nothing here holds a lock); a replay never does.
+            if item_exists || answer.3 {
+                assert_eq!(batch_calls, 0, "{request:?} went down the batch path");
+                short_path += 1;
+            } else {
+                batch_path += batch_calls;
+            }
+            short_answers.push(answer);
+            // The batch path, forced: what 0004's qty_adjust answered and recorded.
+            batch_answers.push(
+                sqlx::query_as::<_, (String, Option<String>, Option<i64>, bool)>(
+                    "select outcome, reason, qty_after, replayed from qty_adjust_batch($1, $2, $3, $4, 200)",
+                )
+                .bind(vec![request.message_id.as_str()])
+                .bind(vec![request.item_id])
+                .bind(vec![request.delta])
+                .bind(vec![request.publisher.as_deref()])
+                .fetch_one(&batch.pool)
+                .await
+                .expect("qty_adjust_batch"),
+            );
+        }
+        assert!(
+            short_path > 200 && batch_path > 0,
+            "{short_path} short, {batch_path} batch"
+        );
+        assert_eq!(
+            short_answers, batch_answers,
+            "answers differ for seed {seed}"
+        );
+        assert_eq!(
+            short.state().await,
+            batch.state().await,
+            "items differ for seed {seed}"
+        );
+        assert_eq!(
+            ledger(&short.pool).await,
+            ledger(&batch.pool).await,
+            "ledgers differ for seed {seed}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_lone_request_whose_item_is_locked_waits_on_the_batch_path_and_comes_back_busy() {
+    use sqlx::Connection as _;
+    let db = TestDb::create().await;
+    let item = Uuid::from_u128(7);
+    db.seed(&[(item, 10)]).await;
+    let mut holder = sqlx::PgConnection::connect(&db.names.database_url())
+        .await
+        .expect("connect");
+    let mut held = holder.begin().await.expect("begin");
+    sqlx::query("select 1 from items where id = $1 for update")
+        .bind(item)
+        .execute(&mut *held)
+        .await
+        .expect("lock the item");
+
+    let mut connection = sqlx::PgConnection::connect(&db.names.database_url())
+        .await
+        .expect("connect");
+    let request = Request {
+        message_id: "locked-1".into(),
+        item_id: item,
+        delta: 1,
+        publisher: None,
+    };
+    let waited = std::time::Instant::now();
+    let (answer, batch_calls) =
+        adjust_one_counting_batch_path(&mut connection, &request, 300).await;
+    assert_eq!(answer.0, "busy", "{answer:?}");
+    assert_eq!(
+        batch_calls, 1,
+        "the locked item should go down the batch path"
+    );
+    assert!(
+        waited.elapsed() >= Duration::from_millis(300),
+        "the batch path waits the whole lock wait before answering busy"
+    );
+    assert!(
+        ledger(&db.pool).await.is_empty(),
+        "a busy request is not recorded"
+    );
+
+    held.rollback().await.expect("release the item");
+    let (answer, batch_calls) =
+        adjust_one_counting_batch_path(&mut connection, &request, 300).await;
+    assert_eq!(answer, ("applied".into(), None, Some(11), false));
+    assert_eq!(batch_calls, 0, "once free, the item takes the short path");
+}

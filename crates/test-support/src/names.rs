@@ -74,6 +74,7 @@ impl Names {
             },
             worker: WorkerSettings {
                 prefetch: 32,
+                threads: qty_worker::settings::DEFAULT_THREADS,
                 http_addr: "127.0.0.1:0".parse().expect("valid address"),
                 delivery_limit: 10,
                 db_pool: 4,

@@ -55,9 +55,14 @@ impl PgBouncer {
         bouncer
     }
 
-    /// `postgres://postgres@127.0.0.1:PORT/DATABASE`.
+    /// `postgres://postgres@127.0.0.1:PORT/DATABASE?statement-cache-capacity=0`:
+    /// the `DATABASE_URL` the README gives for a worker behind PgBouncer, whose
+    /// connections keep no prepared statement.
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{database}?statement-cache-capacity=0",
+            self.port
+        )
     }
 
     fn pid(&self) -> Option<i32> {
