@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# What a request costs at low load, against what its parts cost alone: in one
-# run, over ROUNDS interleaved rounds, at 1,000 requests/s and at a quarter of
-# the drain rate measured first,
+# What a request costs at low load, against what its parts cost: in one run,
+# over ROUNDS interleaved rounds, at 1,000 requests/s and at a quarter of the
+# drain rate measured first,
 #   - the worker: `qty-worker bench --rate` publishes at a steady rate and times
 #     publish→reply;
-#   - the broker alone: examples/broker_ceiling.rs (a bare lapin consumer that
+#   - the broker part: examples/broker_ceiling.rs (a bare lapin consumer that
 #     publishes a confirmed reply to `reply_to`, then acks; no database) under the
 #     same bench;
-#   - the database alone: pgbench running the per-message transaction
-#     (bench/per_message.sql, prepared, 16 clients) at the same rate.
+#   - the database part: pgbench running the per-message transaction
+#     (bench/per_message.sql: ledger insert, guarded update, COMMIT; prepared) at
+#     the same rate;
+# the two parts once alone, one after the other, and once at the same time.
 # Each line gives p50 and p99 and the CPU per request of the client, RabbitMQ
 # and PostgreSQL, and how busy the whole machine was. The end prints the
-# medians and the ratios issue 20's targets are stated in.
+# medians and the ratios issue 20's targets are stated in, against the parts
+# alone and at once.
 #
-#   bench/record.sh [ROUNDS] [SECONDS]     (defaults 3 and 8)
-# QTY_BIN picks the worker binary (default target/release/qty-worker).
+#   bench/record.sh [ROUNDS] [SECONDS]     (defaults 3 and 10)
+# QTY_BIN picks the worker binary (default target/release/qty-worker); the
+# worker runs with its defaults, and QTY_* variables in the environment reach it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
-secs=${2:-8}
+secs=${2:-10}
 cargo build --release --quiet --bin qty-worker --example broker_ceiling
 bin=${QTY_BIN:-target/release/qty-worker}
 out=$(mktemp -d)
@@ -84,73 +88,101 @@ per_request() { echo $(( $1 * 1000000 / $(getconf CLK_TCK) / $2 )); }
 # One line of the record: ROW RATE P50 P99 CLIENT BROKER DATABASE BUSY%.
 record() { printf '%s\n' "$*" >> "$out/rows"; printf '%-13s %6s/s  p50 %6s ms  p99 %6s ms  CPU µs/request: client %4s, broker %4s, database %4s; machine %s%% busy\n' "$@"; }
 
-# qty-worker or the broker-only client, under the bench at RATE.
-through_broker() {
-  local row=$1 rate=$2 client_pid=$3 names=$4 n c b d busy0 total0
-  n=$((rate * secs))
-  c=$(ticks "$client_pid") b=$(ticks "$broker_pid") d=$(database) busy0=$(busy) total0=$(elapsed)
-  DATABASE_URL=postgres://postgres@127.0.0.1:5432/$worker_db QTY_EXCHANGE=$names QTY_QUEUE=$names.adjust \
-    "$bin" bench --json --rate "$rate" --messages "$n" --items 1000 > "$out/rate.json" 2>/dev/null || true
-  record "$row" "$rate" \
-    "$(field "$out/rate.json" "f\"{r['latency_ms']['p50']:.2f}\"")" \
-    "$(field "$out/rate.json" "f\"{r['latency_ms']['p99']:.2f}\"")" \
-    "$(per_request $(( $(ticks "$client_pid") - c )) "$n")" \
-    "$(per_request $(( $(ticks "$broker_pid") - b )) "$n")" \
-    "$(per_request $(( $(database) - d )) "$n")" \
-    "$(( ($(busy) - busy0) * 100 / ($(elapsed) - total0) ))"
+# Every row is sampled alike: CPU over the run's steady middle (from its second
+# second to one second before its end), which leaves out the bench creating its
+# 1,000 items (a transaction each) and pgbench's clients connecting; latency over
+# every request. Backends that exit take their CPU time with them, so sampling
+# while the run is under way is also the only way to see pgbench's.
+window() { # PID_OF_CLIENT (or empty): sets c b d busy0 total0 / their after-values
+  sleep 1.5
+  c0=$( [ -n "$1" ] && ticks "$1" || echo 0) b0=$(ticks "$broker_pid") d0=$(database) busy0=$(busy) total0=$(elapsed)
+  sleep $((secs - 3))
+  c1=$( [ -n "$1" ] && ticks "$1" || echo 0) b1=$(ticks "$broker_pid") d1=$(database) busy1=$(busy) total1=$(elapsed)
+  sampled=$((rate * (secs - 3)))
 }
 
-# pgbench at RATE. Its backends exit at the end and take their CPU time with
-# them, so the CPU is sampled while it runs, leaving out its first and last
-# second; latency includes the schedule lag, as publish→reply includes queueing.
-per_message() {
-  local rate=$1 d b busy0 total0 dd bb busy1 total1
+# The bench at RATE on the queue of NAMES, in the background.
+start_bench() {
+  DATABASE_URL=postgres://postgres@127.0.0.1:5432/$worker_db QTY_EXCHANGE=$1 QTY_QUEUE=$1.adjust \
+    "$bin" bench --json --rate "$rate" --messages $((rate * secs)) --items 1000 > "$out/rate.json" 2>/dev/null &
+  bench=$!
+}
+
+# pgbench at RATE in the background, with the fewest clients that keep up (two
+# per 1,000/s): each more client is one more backend to wake, and costs
+# PostgreSQL CPU.
+start_pgbench() {
   rm -f "$out"/pgbench_log*
-  pgbench -h 127.0.0.1 -U postgres -n -M prepared -c 16 -j 2 -R "$rate" -T "$secs" -D items=1000 \
-    -l --log-prefix="$out/pgbench_log" -f bench/per_message.sql "$pgbench_db" > /dev/null 2>&1 &
-  local pgbench=$!
-  sleep 1
-  d=$(database) b=$(ticks "$broker_pid") busy0=$(busy) total0=$(elapsed)
-  sleep $((secs - 2))
-  dd=$(database) bb=$(ticks "$broker_pid") busy1=$(busy) total1=$(elapsed)
-  wait $pgbench
-  local n=$((rate * (secs - 2)))
+  pgbench -h 127.0.0.1 -U postgres -n -M prepared -c $(( (rate + 999) / 1000 * 2 )) -j 1 -R "$rate" -T "$secs" \
+    -D items=1000 -l --log-prefix="$out/pgbench_log" -f bench/per_message.sql "$pgbench_db" > /dev/null 2>&1 &
+  pgbench=$!
+}
+
+# A row for the bench's run just ended: its latency, the client's CPU and the
+# broker's and the database's.
+record_bench() {
+  record "$1" "$rate" \
+    "$(field "$out/rate.json" "f\"{r['latency_ms']['p50']:.2f}\"")" \
+    "$(field "$out/rate.json" "f\"{r['latency_ms']['p99']:.2f}\"")" \
+    "$(per_request $((c1 - c0)) "$sampled")" \
+    "$(per_request $((b1 - b0)) "$sampled")" \
+    "$(per_request $((d1 - d0)) "$sampled")" \
+    "$(( (busy1 - busy0) * 100 / (total1 - total0) ))"
+}
+
+# A row for pgbench's run just ended. Its latency includes the schedule lag, as
+# publish→reply includes queueing.
+record_pgbench() {
   read -r p50 p99 < <(cat "$out"/pgbench_log* | python3 -c '
 import sys
 lat = sorted((int(f[2]) + (int(f[6]) if len(f) > 6 else 0)) / 1000 for f in (l.split() for l in sys.stdin))
 print(f"{lat[len(lat) // 2]:.2f} {lat[int(len(lat) * 0.99)]:.2f}")')
-  record pgbench "$rate" "$p50" "$p99" - "$(per_request $((bb - b)) "$n")" "$(per_request $((dd - d)) "$n")" \
+  record "$1" "$rate" "$p50" "$p99" - - "$(per_request $((d1 - d0)) "$sampled")" \
     "$(( (busy1 - busy0) * 100 / (total1 - total0) ))"
 }
 
+# Each round, at each rate: the worker; its two parts alone, one after the
+# other; and its two parts at once. The worker's database and broker work share
+# the machine, so alone each part has cores the worker never has; at once, each
+# sees the other's load, as in the worker (the broker-only client's database
+# column is then pgbench's, and is not its own).
 for round in $(seq 1 "$rounds"); do
   echo "round $round"
   for rate in 1000 $((drain / 4)); do
-    through_broker qty-worker "$rate" "$worker" "$worker_names"
-    through_broker broker-only "$rate" "$broker_client" "$broker_names"
-    per_message "$rate"
+    start_bench "$worker_names"; window "$worker"; wait $bench || true
+    record_bench qty-worker
+    start_bench "$broker_names"; window "$broker_client"; wait $bench || true
+    record_bench broker-only
+    start_pgbench; window ""; wait $pgbench
+    record_pgbench pgbench
+    start_bench "$broker_names"; start_pgbench; window "$broker_client"; wait $bench || true; wait $pgbench
+    record_bench broker-beside
+    record_pgbench pgbench-beside
   done
 done
 
+transactions=$(curl -fs "http://$http/metrics" | awk '/^qty_worker_batch_size_sum/ {s = $2} /^qty_worker_batch_size_count/ {c = $2} END {printf "%.2f", s / c}')
+echo "qty-worker carried $transactions requests per transaction on average over the record"
 python3 - "$out/rows" <<'PY'
 import statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
     row, rate, *figures = line.split()
     rows.setdefault((int(rate), row), []).append([None if f == "-" else float(f) for f in figures])
-def median(rate, row, column):
-    return statistics.median(r[column] for r in rows[(rate, row)])
 P50, P99, CLIENT, BROKER, DATABASE, BUSY = range(6)
 for rate in sorted({rate for rate, _ in rows}):
-    w = lambda c: median(rate, "qty-worker", c)
-    b = lambda c: median(rate, "broker-only", c)
-    p = lambda c: median(rate, "pgbench", c)
-    print(f"medians at {rate}/s: qty-worker p50 {w(P50):.2f} p99 {w(P99):.2f} ms, client {w(CLIENT):.0f} µs, PostgreSQL {w(DATABASE):.0f} µs, machine {w(BUSY):.0f}% busy; "
-          f"broker-only p50 {b(P50):.2f} p99 {b(P99):.2f} ms, client {b(CLIENT):.0f} µs; "
-          f"pgbench p50 {p(P50):.2f} p99 {p(P99):.2f} ms, PostgreSQL {p(DATABASE):.0f} µs")
-    print(f"ratios at {rate}/s (target ≤ 1.0, ≤ 1.0, ≤ 1.0, ≤ 1.1): "
-          f"p50 worker/(broker+pgbench) {w(P50) / (b(P50) + p(P50)):.2f}, "
-          f"p99 {w(P99) / (b(P99) + p(P99)):.2f}, "
-          f"PostgreSQL CPU worker/pgbench {w(DATABASE) / p(DATABASE):.2f}, "
-          f"client CPU worker/broker-only {w(CLIENT) / b(CLIENT):.2f}")
+    m = lambda row, c: statistics.median(r[c] for r in rows[(rate, row)])
+    w = lambda c: m("qty-worker", c)
+    print(f"medians at {rate}/s: qty-worker p50 {w(P50):.2f} p99 {w(P99):.2f} ms, client {w(CLIENT):.0f} µs, "
+          f"RabbitMQ {w(BROKER):.0f} µs, PostgreSQL {w(DATABASE):.0f} µs, machine {w(BUSY):.0f}% busy")
+    for label, broker, pgbench in (("alone", "broker-only", "pgbench"), ("at once", "broker-beside", "pgbench-beside")):
+        b = lambda c: m(broker, c)
+        p = lambda c: m(pgbench, c)
+        print(f"  parts {label}: broker-only p50 {b(P50):.2f} p99 {b(P99):.2f} ms, client {b(CLIENT):.0f} µs; "
+              f"pgbench p50 {p(P50):.2f} p99 {p(P99):.2f} ms, PostgreSQL {p(DATABASE):.0f} µs")
+        print(f"  ratios against the parts {label} (targets ≤ 1.0, ≤ 1.0, ≤ 1.0, ≤ 1.1): "
+              f"p50 worker/(broker+pgbench) {w(P50) / (b(P50) + p(P50)):.2f}, "
+              f"p99 {w(P99) / (b(P99) + p(P99)):.2f}, "
+              f"PostgreSQL CPU worker/pgbench {w(DATABASE) / p(DATABASE):.2f}, "
+              f"client CPU worker/broker-only {w(CLIENT) / b(CLIENT):.2f}")
 PY
