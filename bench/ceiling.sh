@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The benchmark record in BENCHMARKS.md, all in one session on one machine:
+# The ceiling record in BENCHMARKS.md (how much one worker carries), all in one
+# session on one machine (bench/record.sh has the low-load record):
 #   - the honest per-message ceiling (bench/pgbench.sh: 1,000 items, prepared
 #     statements, 16 clients);
 #   - backlog drains over 1,000 items and onto one hot item, with peak RSS and
@@ -10,7 +11,7 @@
 #   - publish→reply latency at 1,000/s and at half the drain rate just measured.
 # Ends with the ratios the targets are stated in.
 #
-#   bench/record.sh [MESSAGES]      (default 50000)
+#   bench/ceiling.sh [MESSAGES]      (default 50000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-50000}

@@ -3,8 +3,9 @@
 //! request's `reply_to`, and ack once the reply is confirmed, a whole run of
 //! confirmed deliveries at a time (`multiple`), as the worker does.
 //!
-//! `bench/record.sh` runs it in place of the worker, so the drain it measures
-//! is what RabbitMQ and lapin alone can do on the machine, beside the worker's:
+//! `bench/ceiling.sh` and `bench/record.sh` run it in place of the worker, so
+//! what they measure is what RabbitMQ and lapin alone can do on the machine,
+//! beside the worker's:
 //!
 //! ```sh
 //! cargo build --release --example broker_ceiling
