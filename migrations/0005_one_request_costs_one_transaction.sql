@@ -17,8 +17,8 @@
 --
 -- The batch path is 0004's qty_adjust body, copied under a new name rather
 -- than renamed: `create or replace` keeps qty_adjust itself the same function,
--- so the runtime role's EXECUTE grant and the statements workers have prepared
--- stay valid across this migration.
+-- so the runtime role's EXECUTE grant (which a dropped and recreated function
+-- would lose) stays as it is across this migration.
 
 -- The batch path: 0004's qty_adjust, unchanged but for its name and for
 -- running with its caller's rights and search_path, which are qty_adjust's
