@@ -118,6 +118,10 @@ start_pgbench() {
   pgbench=$!
 }
 
+# The worker's batch-size histogram: the requests it applied, and in how many
+# transactions.
+batches() { curl -fs "http://$http/metrics" | awk '/^qty_worker_batch_size_sum/ {s = $2} /^qty_worker_batch_size_count/ {c = $2} END {print s, c}'; }
+
 # A row for the bench's run just ended: its latency, the client's CPU and the
 # broker's and the database's.
 record_bench() {
@@ -149,8 +153,9 @@ print(f"{lat[len(lat) // 2]:.2f} {lat[int(len(lat) * 0.99)]:.2f}")')
 for round in $(seq 1 "$rounds"); do
   echo "round $round"
   for rate in 1000 $((drain / 4)); do
-    start_bench "$worker_names"; window "$worker"; wait $bench || true
+    batches0=$(batches); start_bench "$worker_names"; window "$worker"; wait $bench || true
     record_bench qty-worker
+    echo "  (qty-worker: $(python3 -c "import sys; (s0, c0), (s1, c1) = (map(float, a.split()) for a in sys.argv[1:]); print(f'{(s1 - s0) / (c1 - c0):.2f}')" "$batches0" "$(batches)") requests per transaction)"
     start_bench "$broker_names"; window "$broker_client"; wait $bench || true
     record_bench broker-only
     start_pgbench; window ""; wait $pgbench
@@ -161,8 +166,6 @@ for round in $(seq 1 "$rounds"); do
   done
 done
 
-transactions=$(curl -fs "http://$http/metrics" | awk '/^qty_worker_batch_size_sum/ {s = $2} /^qty_worker_batch_size_count/ {c = $2} END {printf "%.2f", s / c}')
-echo "qty-worker carried $transactions requests per transaction on average over the record"
 python3 - "$out/rows" <<'PY'
 import statistics, sys
 rows = {}
