@@ -17,8 +17,8 @@ cd "$(dirname "$0")/.."
 n=${1:-50000}
 cargo build --release --quiet --bin qty-worker --example broker_ceiling
 out=$(mktemp -d)
+source bench/cpu.sh
 figure() { python3 bench/figure.py < "$1"; }
-field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$1" "$2"; }
 
 echo "date: $(date -u +%FT%TZ), $(nproc) cores"
 pgbench_tps=$(bench/pgbench.sh 20 1000 | awk '{print $3}')
@@ -56,10 +56,7 @@ for _ in $(seq 1 100); do
   kill -0 $worker || { echo "the worker exited" >&2; exit 1; }
   sleep 0.1
 done
-source bench/cpu.sh
 broker_pid=$(find_broker)
-# CPU µs per request from a tick count over the run.
-per_request() { echo $(( $1 * 1000000 / $(getconf CLK_TCK) / $2 )); }
 fixed_rates() {
   local label=$1 rate n client broker database busy_before total_before busy_after total_after
   for rate in ${RATES:-1000 $half}; do

@@ -27,7 +27,6 @@ cargo build --release --quiet --bin qty-worker --example broker_ceiling
 bin=${QTY_BIN:-target/release/qty-worker}
 out=$(mktemp -d)
 source bench/cpu.sh
-field() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$1" "$2"; }
 
 echo "date: $(date -u +%FT%TZ), $(nproc) cores, $($bin --version)"
 QTY_BIN=$bin bench/drain.sh 1 "" --messages 20000 --items 1000 > "$out/drain.json"
@@ -83,8 +82,6 @@ worker=${pids[-1]}
 bench/item_db.sh "$pgbench_db" 1000
 broker_pid=$(find_broker)
 
-# CPU µs per request from a tick count.
-per_request() { echo $(( $1 * 1000000 / $(getconf CLK_TCK) / $2 )); }
 # One line of the record: ROW RATE P50 P99 CLIENT BROKER DATABASE BUSY%.
 record() { printf '%s\n' "$*" >> "$out/rows"; printf '%-13s %6s/s  p50 %6s ms  p99 %6s ms  CPU µs/request: client %4s, broker %4s, database %4s; machine %s%% busy\n' "$@"; }
 
@@ -93,7 +90,9 @@ record() { printf '%s\n' "$*" >> "$out/rows"; printf '%-13s %6s/s  p50 %6s ms  p
 # 1,000 items (a transaction each) and pgbench's clients connecting; latency over
 # every request. Backends that exit take their CPU time with them, so sampling
 # while the run is under way is also the only way to see pgbench's.
-window() { # PID_OF_CLIENT (or empty): sets c b d busy0 total0 / their after-values
+# window CLIENT_PID (or "" for none): sets c0 b0 d0 busy0 total0 at the start,
+# c1 b1 d1 busy1 total1 at the end, and `sampled`, the requests in between.
+window() {
   sleep 1.5
   c0=$( [ -n "$1" ] && ticks "$1" || echo 0) b0=$(ticks "$broker_pid") d0=$(database) busy0=$(busy) total0=$(elapsed)
   sleep $((secs - 3))

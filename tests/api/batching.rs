@@ -341,6 +341,25 @@ async fn the_ledger_lookup_never_scans_the_whole_ledger_however_much_it_grew() {
     assert_eq!(after - before, 0, "qty_adjust read the whole ledger");
 }
 
+/// An answer of `qty_adjust` (or `qty_adjust_batch`): outcome, reason, qty_after,
+/// replayed.
+type OneAnswer = (String, Option<String>, Option<i64>, bool);
+
+/// `sql`, a call of `qty_adjust` or `qty_adjust_batch` with `$1`..`$5`, bound
+/// to `request` alone.
+fn call_with_one<'q>(
+    sql: &'static str,
+    request: &'q Request,
+    lock_wait_ms: i32,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, OneAnswer, sqlx::postgres::PgArguments> {
+    sqlx::query_as(sql)
+        .bind(vec![request.message_id.as_str()])
+        .bind(vec![request.item_id])
+        .bind(vec![request.delta])
+        .bind(vec![request.publisher.as_deref()])
+        .bind(lock_wait_ms)
+}
+
 /// `qty_adjust`'s answer for one request and how often it went down the batch
 /// path (`qty_adjust_batch`), asked in a transaction of its own so that
 /// PostgreSQL's per-transaction function counts show the route.
@@ -348,7 +367,7 @@ async fn adjust_one_counting_batch_path(
     connection: &mut sqlx::PgConnection,
     request: &Request,
     lock_wait_ms: i32,
-) -> ((String, Option<String>, Option<i64>, bool), i64) {
+) -> (OneAnswer, i64) {
     use sqlx::Connection as _;
     let mut transaction = connection.begin().await.expect("begin");
     sqlx::query("set local track_functions = 'pl'")
@@ -363,14 +382,11 @@ async fn adjust_one_counting_batch_path(
         .fetch_one(&mut *transaction)
         .await
         .expect("function counts");
-    let answer = sqlx::query_as(
+    let answer = call_with_one(
         "select outcome, reason, qty_after, replayed from qty_adjust($1, $2, $3, $4, $5)",
+        request,
+        lock_wait_ms,
     )
-    .bind(vec![request.message_id.as_str()])
-    .bind(vec![request.item_id])
-    .bind(vec![request.delta])
-    .bind(vec![request.publisher.as_deref()])
-    .bind(lock_wait_ms)
     .fetch_one(&mut *transaction)
     .await
     .expect("qty_adjust");
@@ -436,13 +452,12 @@ async fn a_lone_request_takes_the_short_path_and_answers_and_records_as_the_batc
             short_answers.push(answer);
             // The batch path, forced: what 0004's qty_adjust answered and recorded.
             batch_answers.push(
-                sqlx::query_as::<_, (String, Option<String>, Option<i64>, bool)>(
-                    "select outcome, reason, qty_after, replayed from qty_adjust_batch($1, $2, $3, $4, 200)",
+                call_with_one(
+                    "select outcome, reason, qty_after, replayed \
+                     from qty_adjust_batch($1, $2, $3, $4, $5)",
+                    &request,
+                    200,
                 )
-                .bind(vec![request.message_id.as_str()])
-                .bind(vec![request.item_id])
-                .bind(vec![request.delta])
-                .bind(vec![request.publisher.as_deref()])
                 .fetch_one(&batch.pool)
                 .await
                 .expect("qty_adjust_batch"),
