@@ -8,7 +8,7 @@
 //! tried a few times within about a second and then given up the same way.
 
 use crate::backoff::Backoff;
-use crate::broker::short;
+use crate::broker::{self, short};
 use crate::direct_replies::{self, DirectReplies};
 use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
@@ -83,16 +83,16 @@ pub async fn send(
         mandatory: true,
         ..Default::default()
     };
-    let confirm = channel
-        .basic_publish(
-            short(exchange),
-            short(&routing_key),
-            mandatory,
-            &body,
-            properties,
-        )
-        .await?
-        .await?;
+    let confirm = broker::publish(
+        channel,
+        short(exchange),
+        short(&routing_key),
+        mandatory,
+        &body,
+        properties,
+    )
+    .await?
+    .await?;
     match confirm {
         Confirmation::Nack(_) => Err(ReplyError::Nacked),
         Confirmation::Ack(Some(_returned)) => Ok(Sent::Unroutable),

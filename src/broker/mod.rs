@@ -3,10 +3,12 @@
 
 mod addresses;
 pub mod permissions;
+mod publish;
 mod topology;
 
 pub use addresses::{Addresses, Unreachable};
 pub use permissions::Permissions;
+pub use publish::publish;
 pub use topology::{CHECK_EVERY, DeclareError, REQUEST_ROUTING_KEY, Topology, amqp_code};
 
 use crate::settings::BrokerArgs;

@@ -3,6 +3,7 @@
 
 mod batching;
 mod binary;
+mod confirms;
 mod deploy;
 mod dev;
 mod direct_reply_to;
