@@ -44,10 +44,19 @@ fifo=$log/bench.err
 mkfifo "$fifo"
 "$bin" bench --backlog --json "$@" > "$log/report.json" 2> "$fifo" &
 bench_pid=$!
-# Wait until the backlog is published before starting any worker.
+# Wait until the backlog is published before starting any worker. A bench that
+# stops first (a flag it refuses, say) closes the fifo: say what it said, rather
+# than start workers and then wait for ever on a fifo nobody writes.
+published=""
 while IFS= read -r line; do
-  case "$line" in *"backlog published"*) break ;; esac
+  case "$line" in *"backlog published"*) published=1; break ;; esac
+  printf '%s\n' "$line" >> "$log/bench.log"
 done < "$fifo"
+if [ -z "$published" ]; then
+  echo "the bench stopped before the backlog was published; it said:" >&2
+  cat "$log/bench.log" >&2 2>/dev/null || true
+  exit 1
+fi
 cat "$fifo" > /dev/null &
 
 # CPU use, in clock ticks, so runs can be compared per message as well as per second.
