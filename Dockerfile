@@ -1,6 +1,6 @@
 # Multi-stage build: compile in the full Rust image, run in a slim one as non-root.
 # The build stage copies exactly what `cargo build --locked` needs to load the
-# workspace (its member crates/test-support included) and build the binary;
+# workspace (its members under crates/ included) and build the binary;
 # `scripts/check-image-context` rebuilds this stage's context without Docker.
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src

@@ -37,7 +37,7 @@ results=$(mktemp)
 for round in $(seq 1 "$rounds"); do
   for side in direct pgbouncer; do
     # drain.sh makes a fresh database per run; the workers reach it through
-    # PgBouncer with the same name, keeping no prepared statement (README,
+    # PgBouncer with the same name, keeping no prepared statement (docs/deployment.md,
     # "PgBouncer").
     if [ "$side" = pgbouncer ]; then
       export WORKER_DATABASE_URL_TEMPLATE="postgres://postgres@127.0.0.1:$port/{db}?statement-cache-capacity=0"

@@ -40,6 +40,20 @@ pub struct RequestProps {
     /// The publisher's RabbitMQ user name, validated by the broker: carried into
     /// the ledger, never judged here (who may adjust is `admit`'s business).
     pub user_id: Option<String>,
+    /// The `item_id` header, which the broker routes partitioned requests by.
+    pub item_header: ItemHeader,
+}
+
+/// The request's `item_id` header (contract §2): a copy of the body's `item_id`
+/// that the broker can hash, so that one item's requests share a partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ItemHeader {
+    /// No such header: served all the same (and counted, see `delivery`).
+    #[default]
+    Absent,
+    Text(String),
+    /// A header of another AMQP type, named for the error text.
+    NotText(&'static str),
 }
 
 /// A request that satisfies the contract.
@@ -102,6 +116,12 @@ pub enum DecodeError {
     DeltaNotInteger(JsonKind),
     #[error("delta must be within the signed 64-bit range, got {0}")]
     DeltaOutOfRange(String),
+    #[error("header item_id must be a string, got {0}")]
+    ItemHeaderNotString(&'static str),
+    /// The broker routed the request by a header that names another item: its
+    /// order against that item's other requests would be lost.
+    #[error("header item_id must equal the body's item_id, got {0:?}")]
+    ItemHeaderMismatch(String),
 }
 
 /// The JSON type a value turned out to have, for error texts.
@@ -151,7 +171,13 @@ impl JsonKind {
 pub fn decode(props: &RequestProps, body: &[u8]) -> Result<Request, Box<Invalid>> {
     let property_error = check_properties(props).err();
     let fields = read_body(body);
-    let error = property_error.or(fields.error);
+    let header_error = match (&props.item_header, fields.item_id) {
+        (ItemHeader::Text(header), Some(item_id)) if !names(header, item_id) => {
+            Some(DecodeError::ItemHeaderMismatch(quote(header)))
+        }
+        _ => None,
+    };
+    let error = property_error.or(fields.error).or(header_error);
     let message_id = props
         .message_id
         .clone()
@@ -190,7 +216,16 @@ fn check_properties(props: &RequestProps) -> Result<(), DecodeError> {
     if let Some(content_type) = &props.content_type {
         check_content_type(content_type)?;
     }
+    if let ItemHeader::NotText(kind) = props.item_header {
+        return Err(DecodeError::ItemHeaderNotString(kind));
+    }
     Ok(())
+}
+
+/// Whether the `item_id` header names `item_id`: the same UUID in the same
+/// hyphenated form the body must use (either case).
+fn names(header: &str, item_id: Uuid) -> bool {
+    header.len() == 36 && Uuid::try_parse(header).is_ok_and(|id| id == item_id)
 }
 
 /// `application/json`, any case, with optional parameters; a charset parameter,

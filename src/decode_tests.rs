@@ -10,6 +10,7 @@ fn props() -> RequestProps {
         content_type: Some("application/json".into()),
         content_encoding: None,
         user_id: None,
+        item_header: ItemHeader::Absent,
     }
 }
 
@@ -348,4 +349,65 @@ fn a_rejection_keeps_whatever_was_readable() {
     let invalid = decode(&no_id, body("7").as_bytes()).expect_err("no message_id");
     assert_eq!(invalid.error, DecodeError::MissingMessageId);
     assert_eq!((invalid.message_id, invalid.delta), (None, Some(7)));
+}
+
+#[test]
+fn an_item_id_header_naming_the_bodys_item_is_accepted_in_either_case() {
+    for header in [ITEM.to_owned(), ITEM.to_uppercase()] {
+        let props = RequestProps {
+            item_header: ItemHeader::Text(header.clone()),
+            ..props()
+        };
+        let request = decode(&props, body("1").as_bytes()).expect(&header);
+        assert_eq!(request.item_id.to_string(), ITEM);
+    }
+}
+
+#[test]
+fn an_item_id_header_that_is_not_a_string_or_names_another_item_is_invalid() {
+    let other = "1b6f0c3e-8e1a-4a3c-9c55-3f2d4c1a7e10";
+    let simple = ITEM.replace('-', "");
+    let cases = [
+        (
+            ItemHeader::NotText("an integer"),
+            "header item_id must be a string, got an integer".to_owned(),
+        ),
+        (
+            ItemHeader::Text(other.into()),
+            format!("header item_id must equal the body's item_id, got {other:?}"),
+        ),
+        (
+            ItemHeader::Text(simple.clone()),
+            format!("header item_id must equal the body's item_id, got {simple:?}"),
+        ),
+        (
+            ItemHeader::Text(String::new()),
+            r#"header item_id must equal the body's item_id, got """#.to_owned(),
+        ),
+    ];
+    for (item_header, expected) in cases {
+        let props = RequestProps {
+            item_header: item_header.clone(),
+            ..props()
+        };
+        let invalid = decode(&props, body("1").as_bytes()).expect_err(&expected);
+        assert_eq!(invalid.error.to_string(), expected, "{item_header:?}");
+        // What was readable still reaches the reply.
+        assert_eq!(
+            invalid.item_id.map(|id| id.to_string()).as_deref(),
+            Some(ITEM)
+        );
+    }
+}
+
+#[test]
+fn a_body_error_is_named_before_a_header_that_disagrees_with_it() {
+    let props = RequestProps {
+        item_header: ItemHeader::Text(ITEM.into()),
+        ..props()
+    };
+    assert_eq!(
+        error_of(&props, br#"{"item_id":"nope","delta":1}"#),
+        r#"item_id must be a hyphenated UUID, got "nope""#
+    );
 }

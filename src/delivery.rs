@@ -10,7 +10,7 @@ use crate::ack::Acks;
 use crate::admit::Publishers;
 use crate::apply::{Applier, Pending};
 use crate::broker::header_text;
-use crate::decode::{Invalid, RequestProps, decode};
+use crate::decode::{Invalid, ItemHeader, RequestProps, decode};
 use crate::direct_replies::DirectReplies;
 use crate::health::Health;
 use crate::log_budget::LogBudget;
@@ -40,6 +40,11 @@ pub struct Context {
     pub invalid_log: LogBudget,
     /// Warnings about replies given up, likewise.
     pub refused_log: LogBudget,
+    /// Whether requests reach the worker through partitions (`QTY_PARTITIONS`),
+    /// where one without the `item_id` header is worth a warning.
+    pub partitioned: bool,
+    /// Warnings about requests without the `item_id` header, likewise.
+    pub keyless_log: LogBudget,
 }
 
 /// The broker session a delivery came in on.
@@ -72,6 +77,9 @@ pub fn receive(ctx: &Arc<Context>, delivery: Delivery, link: &Arc<Link>) -> BoxF
     let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
         inject_fault(&delivery);
         let props = request_props(&delivery.properties);
+        if props.item_header == ItemHeader::Absent {
+            keyless(ctx);
+        }
         let admitted = ctx.publishers.admit(props.user_id.as_deref());
         match (admitted, decode(&props, &delivery.data)) {
             (Ok(()), Ok(request)) => Ok(ctx.applier.submit(request)),
@@ -108,6 +116,22 @@ pub fn receive(ctx: &Arc<Context>, delivery: Delivery, link: &Arc<Link>) -> BoxF
     };
     let handling = finish(ctx.clone(), received, decoded, route, link.clone(), started);
     Box::pin(handling.instrument(span))
+}
+
+/// Counts a request without the `item_id` header. Partitioned, all of them hash
+/// to one partition (served in order, by one worker at a time), so the
+/// publishers that send them should be told: a warning within a budget.
+fn keyless(ctx: &Context) {
+    ctx.metrics.without_item_header.inc();
+    if ctx.partitioned {
+        let (log, suppressed) = ctx.keyless_log.take(Instant::now());
+        if log {
+            tracing::warn!(
+                suppressed_before = suppressed,
+                "request without the item_id header: every such request goes to one partition; have its publisher set the header to the body's item_id"
+            );
+        }
+    }
 }
 
 /// With the `fault-injection` feature, a delivery whose message_id starts with
@@ -301,5 +325,34 @@ pub fn request_props(properties: &BasicProperties) -> RequestProps {
         content_type: short_property(properties.content_type()),
         content_encoding: short_property(properties.content_encoding()),
         user_id: short_property(properties.user_id()),
+        item_header: item_header(properties),
+    }
+}
+
+/// The `item_id` header, as decoding judges it.
+fn item_header(properties: &BasicProperties) -> ItemHeader {
+    use lapin::types::AMQPValue;
+    let Some(value) = properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get("item_id"))
+    else {
+        return ItemHeader::Absent;
+    };
+    match value {
+        AMQPValue::LongString(text) => {
+            ItemHeader::Text(String::from_utf8_lossy(text.as_bytes()).into_owned())
+        }
+        AMQPValue::ShortString(text) => ItemHeader::Text(text.to_string()),
+        AMQPValue::Boolean(_) => ItemHeader::NotText("boolean"),
+        AMQPValue::Float(_) | AMQPValue::Double(_) | AMQPValue::DecimalValue(_) => {
+            ItemHeader::NotText("a number")
+        }
+        AMQPValue::FieldArray(_) => ItemHeader::NotText("an array"),
+        AMQPValue::FieldTable(_) => ItemHeader::NotText("a table"),
+        AMQPValue::ByteArray(_) => ItemHeader::NotText("bytes"),
+        AMQPValue::Timestamp(_) => ItemHeader::NotText("a timestamp"),
+        AMQPValue::Void => ItemHeader::NotText("void"),
+        _ => ItemHeader::NotText("an integer"),
     }
 }

@@ -13,6 +13,9 @@
 //! reply: counted, logged, and the request acked (its outcome is recorded).
 
 use crate::broker::Addresses;
+use crate::broker::blocked::{self, Watch};
+use crate::health::Health;
+use crate::metrics::Metrics;
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection};
 use std::sync::Arc;
@@ -30,13 +33,22 @@ pub fn is_direct(reply_to: Option<&str>) -> bool {
 /// broker closed it.
 pub struct DirectReplies {
     addresses: Arc<Addresses>,
-    open: Mutex<Option<(Connection, Channel)>>,
+    /// Where a blocked direct-reply connection is shown.
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    open: Mutex<Option<(Connection, Channel, Watch)>>,
 }
 
 impl DirectReplies {
-    pub fn new(addresses: Arc<Addresses>) -> DirectReplies {
+    pub fn new(
+        addresses: Arc<Addresses>,
+        health: Arc<Health>,
+        metrics: Arc<Metrics>,
+    ) -> DirectReplies {
         DirectReplies {
             addresses,
+            health,
+            metrics,
             open: Mutex::new(None),
         }
     }
@@ -44,7 +56,7 @@ impl DirectReplies {
     /// A confirm-mode channel on a live direct-reply connection.
     pub async fn channel(&self) -> lapin::Result<Channel> {
         let mut open = self.open.lock().await;
-        if let Some((_, channel)) = &*open
+        if let Some((_, channel, _)) = &*open
             && channel.status().connected()
         {
             return Ok(channel.clone());
@@ -60,13 +72,19 @@ impl DirectReplies {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        *open = Some((connection, channel.clone()));
+        let watch = blocked::watch(
+            &connection,
+            "direct replies",
+            self.health.clone(),
+            self.metrics.clone(),
+        );
+        *open = Some((connection, channel.clone(), watch));
         Ok(channel)
     }
 
     /// Closes the connection, if open (the session is ending).
     pub async fn close(&self) {
-        if let Some((connection, _)) = self.open.lock().await.take() {
+        if let Some((connection, _, _)) = self.open.lock().await.take() {
             connection.close(200, "worker stopping".into()).await.ok();
         }
     }

@@ -2,6 +2,7 @@
 //! writes, the consumer is running and the topology exists; otherwise a line
 //! naming each thing that is not.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 /// The database as last seen by a transaction or a probe.
@@ -37,6 +38,9 @@ struct State {
     /// Set while something the worker declares was found missing, until it is
     /// declared again.
     topology_missing: Option<String>,
+    /// The broker's reason, by connection, while it blocks that connection's
+    /// publishes (`connection.blocked`).
+    blocked: BTreeMap<&'static str, String>,
 }
 
 #[derive(Debug)]
@@ -49,6 +53,7 @@ impl Default for Health {
             prepared: false,
             broker: BrokerState::Starting,
             topology_missing: None,
+            blocked: BTreeMap::new(),
         }))
     }
 }
@@ -87,6 +92,20 @@ impl Health {
         self.with(|s| s.topology_missing = what);
     }
 
+    /// Records whether the broker blocks connection `name` (with its reason), and
+    /// returns what was recorded before.
+    pub fn set_blocked(&self, name: &'static str, reason: Option<String>) -> Option<String> {
+        self.with(|s| match reason {
+            Some(reason) => s.blocked.insert(name, reason),
+            None => s.blocked.remove(name),
+        })
+    }
+
+    /// Whether the broker blocks any of the worker's connections now.
+    pub fn broker_blocked(&self) -> bool {
+        self.with(|s| !s.blocked.is_empty())
+    }
+
     /// Whether the worker is ready, and the body `/readyz` answers with.
     pub fn report(&self) -> (bool, String) {
         self.with(|s| {
@@ -97,7 +116,11 @@ impl Health {
                 DatabaseState::Down => "down",
                 DatabaseState::Misconfigured(what) => what,
             };
+            let mut reasons: Vec<&str> = s.blocked.values().map(String::as_str).collect();
+            reasons.dedup();
             let broker = match &s.broker {
+                // A blocked connection is up: say why nothing is replied.
+                _ if !reasons.is_empty() => format!("blocked: {}", reasons.join("; ")),
                 BrokerState::Starting => "starting".to_owned(),
                 BrokerState::Consuming => "consuming".to_owned(),
                 BrokerState::Down => "down".to_owned(),
@@ -111,7 +134,8 @@ impl Health {
             }
             let ready = s.database == DatabaseState::Writable
                 && s.broker == BrokerState::Consuming
-                && s.topology_missing.is_none();
+                && s.topology_missing.is_none()
+                && s.blocked.is_empty();
             (ready, body)
         })
     }

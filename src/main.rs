@@ -119,13 +119,22 @@ fn refused(error: clap::Error, args: &[String]) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// What `run` and `migrate` log unless `RUST_LOG` says otherwise: info, but not
+/// PostgreSQL's notices at info (every start's `CREATE TABLE IF NOT EXISTS` of
+/// the migrations table says "already exists, skipping").
+const LONG_RUNNING_FILTER: &str = "info,sqlx::postgres::notice=warn";
+
 /// The log format, OTLP endpoint and default filter of a command. The operator
 /// commands log only warnings (and nothing of lapin's: they say themselves what
 /// went wrong, once).
 fn logging(command: &Command) -> (Option<LogFormat>, Option<String>, &'static str) {
     match command {
-        Command::Run(run) => (run.logs.log_format, run.otlp_endpoint.clone(), "info"),
-        Command::Migrate(migrate) => (migrate.logs.log_format, None, "info"),
+        Command::Run(run) => (
+            run.logs.log_format,
+            run.otlp_endpoint.clone(),
+            LONG_RUNNING_FILTER,
+        ),
+        Command::Migrate(migrate) => (migrate.logs.log_format, None, LONG_RUNNING_FILTER),
         _ => (None, None, "warn,lapin=off"),
     }
 }

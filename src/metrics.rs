@@ -40,6 +40,9 @@ pub struct Metrics {
     pub replies_unroutable: Counter,
     pub replies_refused: Counter,
     pub ready: Gauge,
+    pub broker_blocked: Gauge,
+    pub without_item_header: Counter,
+    pub partitions_owned: Gauge,
     pub set_aside_oldest_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
@@ -169,7 +172,28 @@ impl Metrics {
             "1 while the worker is ready (what /readyz last found: database writable, consuming, topology there), else 0",
             ready.clone(),
         );
+        let broker_blocked = Gauge::default();
+        registry.register(
+            "broker_blocked",
+            "1 while RabbitMQ blocks one of the worker's connections from publishing (a memory or disk alarm), else 0",
+            broker_blocked.clone(),
+        );
+        let without_item_header = Counter::default();
+        registry.register(
+            "requests_without_item_header",
+            "Requests that carried no item_id header (partitioned, they all hash to one partition)",
+            without_item_header.clone(),
+        );
+        let partitions_owned = Gauge::default();
+        registry.register(
+            "partitions_owned",
+            "Partition queues this worker owns and consumes now (QTY_PARTITIONS; 0 unpartitioned)",
+            partitions_owned.clone(),
+        );
         Metrics {
+            without_item_header,
+            partitions_owned,
+            broker_blocked,
             set_aside_oldest_seconds,
             replies_refused,
             ready,

@@ -11,7 +11,7 @@ use crate::admit::Publishers;
 use crate::apply::Applier;
 use crate::apply::set_aside::SetAside;
 use crate::backoff::Backoff;
-use crate::broker::{Addresses, DeclareError, Topology};
+use crate::broker::{Addresses, DeclareError, Topology, blocked};
 use crate::delivery::{self, Context, Link};
 use crate::direct_replies::DirectReplies;
 use crate::health::{BrokerState, DatabaseState, Health};
@@ -115,6 +115,8 @@ impl Worker {
             metrics,
             invalid_log: LogBudget::new(INVALID_WARNINGS_PER_MINUTE, Duration::from_secs(60)),
             refused_log: LogBudget::new(INVALID_WARNINGS_PER_MINUTE, Duration::from_secs(60)),
+            partitioned: false,
+            keyless_log: LogBudget::new(INVALID_WARNINGS_PER_MINUTE, Duration::from_secs(60)),
         });
         Ok(Worker {
             settings,
@@ -245,7 +247,7 @@ impl Worker {
                     self.ctx
                         .health
                         .set_database(DatabaseState::Misconfigured(schema.to_string()));
-                    tracing::error!(error = %schema, url = %self.db.target.shown, retry_in_ms, "database: a privilege is missing; grant it (README, Security)");
+                    tracing::error!(error = %schema, url = %self.db.target.shown, retry_in_ms, "database: a privilege is missing; grant it (docs/security.md)");
                 }
                 PrepareError::Schema(schema @ SchemaError::Behind(_)) => {
                     self.ctx
@@ -363,6 +365,8 @@ struct Session {
     settling: ack::Sender,
     /// Declares again whatever part of the topology someone deletes.
     keeper: tokio::task::JoinHandle<()>,
+    /// Shows the broker blocking this connection's publishes.
+    _blocked: blocked::Watch,
 }
 
 impl Session {
@@ -397,6 +401,12 @@ impl Session {
             )
             .await
             .map_err(broker("cannot start consuming"))?;
+        let blocked = blocked::watch(
+            &connection,
+            "consuming",
+            worker.ctx.health.clone(),
+            worker.ctx.metrics.clone(),
+        );
         let lost = CancellationToken::new();
         // Half the prefetch may wait behind a slow delivery for a joint ack.
         let hold = usize::from(settings.worker.prefetch).div_ceil(2);
@@ -414,12 +424,17 @@ impl Session {
             draining: VecDeque::new(),
             link: Arc::new(Link {
                 replies,
-                direct: DirectReplies::new(worker.addresses.clone()),
+                direct: DirectReplies::new(
+                    worker.addresses.clone(),
+                    worker.ctx.health.clone(),
+                    worker.ctx.metrics.clone(),
+                ),
                 acks,
                 lost,
             }),
             settling,
             keeper,
+            _blocked: blocked,
         })
     }
 

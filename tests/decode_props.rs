@@ -16,6 +16,7 @@ fn props(message_id: Option<String>, content_type: Option<String>) -> RequestPro
         content_type,
         content_encoding: None,
         user_id: None,
+        item_header: Default::default(),
     }
 }
 

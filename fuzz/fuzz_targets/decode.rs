@@ -8,7 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use qty_worker::decode::{MAX_BODY_BYTES, RequestProps, decode};
+use qty_worker::decode::{ItemHeader, MAX_BODY_BYTES, RequestProps, decode};
 use serde::de::{Deserializer as _, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use std::fmt;
@@ -31,6 +31,15 @@ fuzz_target!(|data: &[u8]| {
                 "accepted without a message_id"
             );
             assert_eq!(request.publisher, props.user_id, "the publisher is the user_id as sent");
+            match &props.item_header {
+                ItemHeader::Absent => {}
+                ItemHeader::NotText(_) => panic!("accepted an item_id header that is not a string"),
+                ItemHeader::Text(header) => assert_eq!(
+                    uuid::Uuid::try_parse(header).ok(),
+                    Some(request.item_id),
+                    "accepted an item_id header naming another item"
+                ),
+            }
             let names: Vec<&str> = members.iter().map(|(name, _)| name.as_str()).collect();
             let mut sorted = names.clone();
             sorted.sort_unstable();
@@ -85,8 +94,16 @@ fn properties(selector: u8) -> RequestProps {
             1 => Some(String::new()),
             _ => Some("orders-é'\\".into()),
         },
+        item_header: match selector / 108 {
+            0 => ItemHeader::Absent,
+            1 => ItemHeader::NotText("an integer"),
+            _ => ItemHeader::Text(HEADER_ITEM.into()),
+        },
     }
 }
+
+/// The `item_id` header the third group of selectors sets.
+const HEADER_ITEM: &str = "0B6F0C3E-8E1A-4A3C-9C55-3F2D4C1A7E10";
 
 /// The top-level members of a JSON object in order, duplicates kept, with each
 /// value's raw text; `None` when the body is not one JSON object.

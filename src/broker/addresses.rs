@@ -4,12 +4,14 @@
 
 use crate::redact::redact;
 use crate::settings::{BrokerArgs, SettingError};
-use lapin::tcp::OwnedTLSConfig;
+use lapin::tcp::{AsyncTcpStream, OwnedTLSConfig};
 use lapin::types::LongString;
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties, DefaultConnectionBuilder};
+use std::os::fd::AsFd as _;
 use std::str::FromStr as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Seconds between heartbeats unless a URL sets `?heartbeat=`.
 const DEFAULT_HEARTBEAT_SECS: u16 = 10;
@@ -124,13 +126,95 @@ impl Addresses {
         let mut builder = DefaultConnectionBuilder::new()?
             .with_uri(node.uri.clone())
             .with_properties(properties);
-        if let Some(pem) = &self.ca {
-            builder = builder.with_tls_config(OwnedTLSConfig {
-                identity: None,
-                cert_chain: Some(pem.clone()),
-            });
+        if self.ca.is_some() {
+            builder = builder.with_tls_config(self.tls());
         }
         builder.connect().await
+    }
+
+    /// The TLS settings for `amqps://`: the system's roots, plus `AMQP_CA_FILE`.
+    fn tls(&self) -> OwnedTLSConfig {
+        OwnedTLSConfig {
+            identity: None,
+            cert_chain: self.ca.clone(),
+        }
+    }
+
+    /// Connects like [`Addresses::connect`], and also returns a [`Cut`] that can
+    /// drop the connection's socket at once.
+    pub async fn connect_with_cut(
+        &self,
+        name: &str,
+    ) -> Result<(Connection, usize, Cut), Unreachable> {
+        let first = self.next.load(Ordering::Relaxed);
+        let mut refusals = Vec::new();
+        for offset in 0..self.nodes.len() {
+            let index = (first + offset) % self.nodes.len();
+            let node = &self.nodes[index];
+            match self.connect_cuttable(node, name).await {
+                Ok((connection, cut)) => {
+                    self.next.store(index, Ordering::Relaxed);
+                    return Ok((connection, index, cut));
+                }
+                Err(error) => refusals.push(format!("{}: {error}", node.shown)),
+            }
+        }
+        Err(Unreachable(refusals.join("; ")))
+    }
+
+    /// lapin's own connect, with a copy of the socket kept aside for [`Cut`].
+    async fn connect_cuttable(&self, node: &Node, name: &str) -> lapin::Result<(Connection, Cut)> {
+        let properties = ConnectionProperties::default()
+            .with_connection_name(LongString::from(name.as_bytes().to_vec()));
+        let tls = self.tls();
+        let cut = Cut::default();
+        let socket = cut.clone();
+        let connect = async move |uri: AMQPUri, runtime: async_rs::TokioRuntime| {
+            let address = runtime.to_socket_addrs((uri.authority.host.clone(), uri.authority.port));
+            let stream = AsyncTcpStream::connect(&runtime, address)
+                .await
+                .map_err(|error| lapin::Error::from(error))?;
+            if let AsyncTcpStream::Plain(plain) = &stream {
+                let copy = plain
+                    .get_ref()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|error| lapin::Error::from(error))?;
+                socket.keep(std::net::TcpStream::from(copy));
+            }
+            match uri.scheme {
+                AMQPScheme::AMQP => Ok(stream),
+                AMQPScheme::AMQPS => stream
+                    .into_tls(&uri.authority.host, tls.as_ref())
+                    .await
+                    .map_err(|error| lapin::Error::from(error)),
+            }
+        };
+        let runtime = lapin::runtime::default_runtime()?;
+        let connection =
+            Connection::connector(node.uri.clone(), runtime, connect, properties).await?;
+        Ok((connection, cut))
+    }
+}
+
+/// Drops a connection's socket at once, without AMQP's closing handshake: the
+/// broker sees the client vanish, as when its process is killed. RabbitMQ then
+/// puts the connection's unacked deliveries back in their place *before* it
+/// activates another single-active consumer, which a graceful close or a cancel
+/// does not (the handover needs that order; see `partitions`).
+#[derive(Debug, Clone, Default)]
+pub struct Cut(Arc<Mutex<Option<std::net::TcpStream>>>);
+
+impl Cut {
+    fn keep(&self, socket: std::net::TcpStream) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(socket);
+    }
+
+    /// Shuts the socket down both ways; the connection fails at once.
+    pub fn now(&self) {
+        if let Some(socket) = &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            socket.shutdown(std::net::Shutdown::Both).ok();
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! a dead link is noticed) and the topology of contract §1.
 
 mod addresses;
+pub mod blocked;
 pub mod permissions;
 mod publish;
 mod topology;

@@ -1,6 +1,6 @@
 //! Least privilege on RabbitMQ (contract §9): the `rabbitmqctl set_permissions`
 //! regexes (configure, write, read) a worker's user needs for its own names, and
-//! those a publisher's user needs. The README shows them for the default names;
+//! those a publisher's user needs. docs/security.md shows them for the default names;
 //! the tests run the worker with exactly these.
 
 use super::Topology;
@@ -72,8 +72,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_readme_shows_the_permissions_of_the_default_names() {
-        let readme = include_str!("../../README.md");
+    fn the_security_page_shows_the_permissions_of_the_default_names() {
+        let page = include_str!("../../docs/security.md");
         let worker = Permissions::worker(&Topology::new("inventory", "qty.adjust", 10));
         let publisher = Permissions::publisher("inventory");
         for (user, permissions) in [("qty-worker", worker), ("orders", publisher)] {
@@ -81,7 +81,10 @@ mod tests {
                 "rabbitmqctl set_permissions -p / {user} \\\n  '{}' \\\n  '{}' \\\n  '{}'",
                 permissions.configure, permissions.write, permissions.read
             );
-            assert!(readme.contains(&command), "README lacks:\n{command}");
+            assert!(
+                page.contains(&command),
+                "docs/security.md lacks:\n{command}"
+            );
         }
     }
 

@@ -151,7 +151,7 @@ async fn create_database_if_missing(
         database: name.to_owned(),
         message: describe(&error),
     };
-    let exists: bool = simple_scalar(
+    let exists: bool = literal::scalar(
         &mut admin,
         &format!(
             "select exists (select 1 from pg_database where datname = {})",
@@ -186,20 +186,4 @@ pub async fn open_prepared(url: &str, max_connections: u32) -> anyhow::Result<Da
         .await
         .map_err(|error| anyhow::anyhow!("{} ({})", error, database.target.shown))?;
     Ok(database)
-}
-
-/// The first column of the one row `sql` answers, asked as a simple query (no
-/// prepared statement, so PgBouncer's transaction pooling cannot lose it).
-pub(crate) async fn simple_scalar<T>(
-    connection: &mut PgConnection,
-    sql: &str,
-) -> Result<T, sqlx::Error>
-where
-    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
-{
-    use sqlx::Row as _;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
-        .fetch_one(connection)
-        .await?
-        .try_get(0)
 }

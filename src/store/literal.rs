@@ -1,4 +1,5 @@
-//! SQL literals for the statements the worker sends as one simple query.
+//! SQL literals for the statements the worker sends as one simple query, and
+//! [`scalar`], which sends one.
 //!
 //! Behind PgBouncer in transaction pooling mode a server connection is lent for
 //! one transaction at a time, and sqlx's extended protocol parses a statement in
@@ -14,6 +15,7 @@
 //! the one character PostgreSQL text cannot hold; decoding refuses it in a
 //! `message_id`, and here it is dropped rather than allowed to cut the query short.
 
+use sqlx::PgConnection;
 use std::fmt::Write as _;
 use uuid::Uuid;
 
@@ -82,6 +84,19 @@ pub fn bigint_array(values: impl IntoIterator<Item = i64>) -> String {
     }
     out.push_str("}'::bigint[]");
     out
+}
+
+/// The first column of the one row `sql` answers, asked as a simple query (no
+/// prepared statement, so PgBouncer's transaction pooling cannot lose it).
+pub(crate) async fn scalar<T>(connection: &mut PgConnection, sql: &str) -> Result<T, sqlx::Error>
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    use sqlx::Row as _;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(connection)
+        .await?
+        .try_get(0)
 }
 
 #[cfg(test)]

@@ -212,7 +212,7 @@ impl Target {
             SessionAttrs::ReadWrite => "select current_setting('transaction_read_only') = 'off'",
             SessionAttrs::Primary => "select not pg_is_in_recovery()",
         };
-        super::database::simple_scalar(connection, check).await
+        super::literal::scalar(connection, check).await
     }
 
     fn refusal(&self) -> &'static str {

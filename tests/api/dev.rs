@@ -1,6 +1,8 @@
 //! `scripts/dev`, the README's way to run the worker without Docker: it brings up
 //! a working stack whose printed `export` lines let `qty-worker adjust` reach it,
-//! and Ctrl-C removes everything it started.
+//! and Ctrl-C removes everything it started. It runs exactly as the README shows
+//! it, in an environment with only `PATH` and `HOME`, as a newcomer's plain shell
+//! would have: no project variable, no profile or feature chosen for it.
 
 use qty_test_support::eventually;
 use std::io::{BufRead as _, BufReader};
@@ -8,19 +10,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-
-/// The features this test binary was built with, so `scripts/dev` builds the
-/// same worker (and cargo has nothing to rebuild).
-fn features() -> String {
-    let mut features = Vec::new();
-    if cfg!(feature = "fault-injection") {
-        features.push("fault-injection");
-    }
-    if cfg!(feature = "otlp") {
-        features.push("otlp");
-    }
-    features.join(",")
-}
 
 /// `scripts/dev`, sent Ctrl-C (SIGINT) when dropped if it still runs, so a
 /// failing test leaves no stack behind either.
@@ -45,6 +34,17 @@ impl Drop for Dev {
     }
 }
 
+/// `command` with the environment of a plain shell: `PATH` and `HOME`, nothing else.
+fn plain_shell(command: &mut Command) -> &mut Command {
+    command.env_clear();
+    for name in ["PATH", "HOME"] {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    command
+}
+
 fn listening(addr: &str) -> bool {
     std::net::TcpStream::connect(addr).is_ok()
 }
@@ -55,10 +55,8 @@ async fn the_dev_command_runs_a_stack_that_adjust_reaches_and_ctrl_c_removes_it(
         eprintln!("skipped: no PostgreSQL/RabbitMQ binaries");
         return;
     }
-    let mut dev = Dev(Command::new(format!("{ROOT}/scripts/dev"))
-        .env("QTY_DEV_DOCKER", "0")
-        .env("QTY_DEV_PROFILE", "dev")
-        .env("QTY_DEV_FEATURES", features())
+    let mut dev = Dev(plain_shell(&mut Command::new("scripts/dev"))
+        .current_dir(ROOT)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -79,9 +77,11 @@ async fn the_dev_command_runs_a_stack_that_adjust_reaches_and_ctrl_c_removes_it(
         }
         exports
     });
-    let exports = tokio::time::timeout(Duration::from_secs(600), exports)
+    let exports = tokio::time::timeout(Duration::from_secs(1200), exports)
         .await
-        .expect("scripts/dev printed its export lines within 10 minutes (a build, two servers)")
+        .expect(
+            "scripts/dev printed its export lines within 20 minutes (a release build, two servers)",
+        )
         .expect("read the export lines");
     let names: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
@@ -97,10 +97,9 @@ async fn the_dev_command_runs_a_stack_that_adjust_reaches_and_ctrl_c_removes_it(
     };
 
     let qty_worker = |args: &[&str]| {
-        let output = Command::new(env!("CARGO_BIN_EXE_qty-worker"))
+        let output = plain_shell(&mut Command::new(env!("CARGO_BIN_EXE_qty-worker")))
             .args(args)
             .arg("--json")
-            .env_clear()
             .envs(exports.iter().map(|(n, v)| (n, v)))
             .output()
             .expect("run qty-worker");

@@ -3,6 +3,7 @@
 
 mod batching;
 mod binary;
+mod blocked;
 mod confirms;
 mod deploy;
 mod dev;

@@ -28,15 +28,4 @@ where
     }
 }
 
-/// The blocking twin of [`eventually`], for set-up code outside a runtime: polls
-/// `ready` for up to two minutes.
-pub fn wait_blocking(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !ready() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: not within two minutes"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+pub use qty_servers::wait_blocking;

@@ -2,20 +2,18 @@
 //! machine with their server binaries and no Docker.
 //!
 //! Starts both servers in temporary directories on free ports (the same code the
-//! tests use), migrates, runs `qty-worker run` against them, waits until it is
-//! ready, and prints the `export` lines that let `qty-worker adjust` in another
+//! tests use), runs `qty-worker run` against them (which creates and migrates the
+//! database), waits until it is ready, and prints the `export` lines that let `qty-worker adjust` in another
 //! terminal reach them. On Ctrl-C or SIGTERM it stops the worker (which drains),
 //! then the servers, and removes their directories; if it is killed outright, the
 //! servers' watchdogs remove them once it has gone.
 
-use qty_test_support::postgres::Postgres;
-use qty_test_support::rabbitmq::Cluster;
-use std::io::Write as _;
-use std::net::SocketAddr;
-use std::process::{Command, ExitCode};
+use qty_servers::postgres::Postgres;
+use qty_servers::rabbitmq::Cluster;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitCode};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::process::Child;
 use tokio::signal::unix::{SignalKind, signal};
 
 const DATABASE: &str = "inventory";
@@ -23,7 +21,7 @@ const EXCHANGE: &str = "inventory";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    if !qty_test_support::servers_available() {
+    if !qty_servers::servers_available() {
         eprintln!(
             "qty-dev needs the PostgreSQL and RabbitMQ server binaries (Debian: postgresql, rabbitmq-server), or Docker for `docker compose up --build`"
         );
@@ -43,7 +41,7 @@ async fn main() -> ExitCode {
     let stack = Stack {
         database_url: postgres.url(DATABASE),
         amqp_url: rabbitmq.urls(),
-        http_addr: SocketAddr::from(([127, 0, 0, 1], qty_test_support::free_port())),
+        http_addr: SocketAddr::from(([127, 0, 0, 1], qty_servers::free_port())),
     };
     let code = match stack.start_worker() {
         Err(message) => {
@@ -58,8 +56,8 @@ async fn main() -> ExitCode {
                         tokio::select! {
                             _ = interrupt.recv() => true,
                             _ = terminate.recv() => true,
-                            exited = worker.wait() => {
-                                eprintln!("the worker exited ({exited:?})");
+                            exited = exited(&mut worker) => {
+                                eprintln!("the worker exited ({exited})");
                                 false
                             }
                         }
@@ -99,18 +97,13 @@ struct Stack {
 }
 
 impl Stack {
-    /// Migrates, then starts `qty-worker run` (the binary beside this one).
+    /// Starts `qty-worker run` (the binary beside this one), which creates and
+    /// migrates the database itself, logging as the rest of its run does.
     fn start_worker(&self) -> Result<Child, String> {
         let worker = std::env::current_exe()
             .map_err(|error| format!("cannot find my own path: {error}"))?
             .with_file_name("qty-worker");
-        let migrated = Command::new(&worker)
-            .args(["migrate", "--database-url", &self.database_url])
-            .status();
-        if !matches!(migrated, Ok(status) if status.success()) {
-            return Err(format!("`qty-worker migrate` failed ({migrated:?})"));
-        }
-        tokio::process::Command::new(&worker)
+        Command::new(&worker)
             .arg("run")
             .env("DATABASE_URL", &self.database_url)
             .env("AMQP_URL", &self.amqp_url)
@@ -159,32 +152,41 @@ impl Stack {
     }
 }
 
-/// Whether `GET /readyz` answers 200 now.
+/// Whether `GET /readyz` answers 200 now (asked on a blocking thread, with a
+/// two-second limit on each step).
 async fn readyz(addr: SocketAddr) -> bool {
-    let ask = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        stream
-            .write_all(b"GET /readyz HTTP/1.0\r\nHost: qty-dev\r\n\r\n")
-            .await
-            .ok()?;
+    let ask = move || -> std::io::Result<bool> {
+        let limit = Some(Duration::from_secs(2));
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(limit)?;
+        stream.set_write_timeout(limit)?;
+        stream.write_all(b"GET /readyz HTTP/1.0\r\nHost: qty-dev\r\n\r\n")?;
         let mut response = String::new();
-        stream.read_to_string(&mut response).await.ok()?;
-        Some(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"))
+        stream.read_to_string(&mut response)?;
+        Ok(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"))
     };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), ask).await,
-        Ok(Some(true))
-    )
+    matches!(tokio::task::spawn_blocking(ask).await, Ok(Ok(true)))
+}
+
+/// Completes when the worker has exited, with how it exited.
+async fn exited(worker: &mut Child) -> String {
+    loop {
+        match worker.try_wait() {
+            Ok(Some(status)) => return status.to_string(),
+            Err(error) => return error.to_string(),
+            Ok(None) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
 
 /// SIGTERM to the worker, which drains and exits; then waits for it.
 async fn stop(worker: &mut Child) {
-    if let (Ok(None), Some(pid)) = (worker.try_wait(), worker.id()) {
+    if let Ok(None) = worker.try_wait() {
         eprintln!("stopping the worker");
         Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args(["-TERM", &worker.id().to_string()])
             .status()
             .ok();
     }
-    worker.wait().await.ok();
+    exited(worker).await;
 }

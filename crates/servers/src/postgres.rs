@@ -99,7 +99,7 @@ impl Postgres {
             ),
         );
         self.start_again();
-        crate::eventually::wait_blocking("the standby to stream from the primary", || {
+        crate::wait_blocking("the standby to stream from the primary", || {
             primary.query("select count(*) from pg_stat_replication where state = 'streaming'")
                 == "1"
         });

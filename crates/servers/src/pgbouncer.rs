@@ -56,7 +56,7 @@ impl PgBouncer {
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/DATABASE?statement-cache-capacity=0`:
-    /// the `DATABASE_URL` the README gives for a worker behind PgBouncer, whose
+    /// the `DATABASE_URL` docs/deployment.md gives for a worker behind PgBouncer, whose
     /// connections keep no prepared statement.
     pub fn url(&self, database: &str) -> String {
         format!(
@@ -79,7 +79,7 @@ impl PgBouncer {
             .args(["-u", "postgres", "--", BINARY, "-d"])
             .arg(self.root.join("pgbouncer.ini")));
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
-        crate::eventually::wait_blocking("PgBouncer to accept connections", || {
+        crate::wait_blocking("PgBouncer to accept connections", || {
             std::net::TcpStream::connect(addr).is_ok()
         });
     }
@@ -93,7 +93,7 @@ impl PgBouncer {
     fn stop(&self) {
         let Some(pid) = self.pid() else { return };
         Command::new("kill").arg(pid.to_string()).status().ok();
-        crate::eventually::wait_blocking("PgBouncer to exit", || {
+        crate::wait_blocking("PgBouncer to exit", || {
             !Path::new(&format!("/proc/{pid}")).exists()
         });
     }
