@@ -52,7 +52,7 @@ pub struct Link {
     /// A confirm-mode channel on the same connection, for replies.
     pub replies: Channel,
     /// The connection replies to direct reply-to names go out on.
-    pub direct: DirectReplies,
+    pub direct: Arc<DirectReplies>,
     /// Settles deliveries on the channel that delivered them.
     pub acks: Acks,
     /// Fires when the connection is given up, at which point the delivery can no

@@ -41,6 +41,12 @@ struct State {
     /// The broker's reason, by connection, while it blocks that connection's
     /// publishes (`connection.blocked`).
     blocked: BTreeMap<&'static str, String>,
+    /// Unpartitioned: the most consumers last seen on the request queue, once
+    /// there were others besides this worker (order across them needs
+    /// `QTY_PARTITIONS`).
+    competing: Option<u32>,
+    /// Partitioned: the partitions this worker consumes now.
+    partitions: Option<Vec<u16>>,
 }
 
 #[derive(Debug)]
@@ -54,6 +60,8 @@ impl Default for Health {
             broker: BrokerState::Starting,
             topology_missing: None,
             blocked: BTreeMap::new(),
+            competing: None,
+            partitions: None,
         }))
     }
 }
@@ -106,6 +114,24 @@ impl Health {
         self.with(|s| !s.blocked.is_empty())
     }
 
+    /// Records that the unpartitioned request queue has `consumers` consumers,
+    /// this worker's included. The first time, says once at warn that per-item
+    /// order across competing workers needs partitions.
+    pub fn set_competing_consumers(&self, consumers: u32) {
+        let first = self.with(|s| s.competing.replace(consumers).is_none());
+        if first {
+            tracing::warn!(
+                consumers,
+                "other workers consume this request queue: they do not keep per-item order across each other; run the fleet with QTY_PARTITIONS"
+            );
+        }
+    }
+
+    /// Partitioned: the partitions consumed now (for `/readyz`).
+    pub fn set_partitions(&self, owned: Vec<u16>) {
+        self.with(|s| s.partitions = Some(owned));
+    }
+
     /// Whether the worker is ready, and the body `/readyz` answers with.
     pub fn report(&self) -> (bool, String) {
         self.with(|s| {
@@ -131,6 +157,18 @@ impl Health {
             let mut body = format!("database: {database}\nbroker: {broker}\n");
             if let Some(what) = &s.topology_missing {
                 body.push_str(&format!("topology: missing {what}, declaring it again\n"));
+            }
+            if let Some(consumers) = s.competing {
+                body.push_str(&format!(
+                    "order: {consumers} consumers on one unpartitioned queue keep no per-item order across each other (QTY_PARTITIONS)\n"
+                ));
+            }
+            if let Some(owned) = &s.partitions {
+                let listed: Vec<String> = owned.iter().map(u16::to_string).collect();
+                match listed.is_empty() {
+                    true => body.push_str("partitions: none (standby)\n"),
+                    false => body.push_str(&format!("partitions: {}\n", listed.join(","))),
+                }
             }
             let ready = s.database == DatabaseState::Writable
                 && s.broker == BrokerState::Consuming

@@ -7,6 +7,8 @@
 //! The message flow is the architecture, one stage a module:
 //!
 //! - [`worker`]: the loop: connect, declare, consume, reconnect, drain on stop.
+//! - [`partitions`] with [`ownership`]: the loop of a fleet (`QTY_PARTITIONS`):
+//!   which partition queues this worker consumes, each on its own channel.
 //! - [`delivery`]: one delivery through the stages below, in one tracing span.
 //! - [`admit`]: who may adjust: the validated `user_id` against `QTY_PUBLISHERS` (pure).
 //! - [`decode`]: properties and body to a `Request`, or a named rejection (pure).
@@ -36,6 +38,8 @@ pub mod http;
 pub mod log_budget;
 pub mod metrics;
 pub mod outcome;
+pub mod ownership;
+pub mod partitions;
 pub mod redact;
 pub mod reply;
 pub mod settings;

@@ -179,6 +179,13 @@ pub struct WorkerSettings {
     /// schema holds every migration, as a runtime role with no DDL rights must.
     #[arg(long = "migrate", env = "QTY_MIGRATE", value_enum, default_value_t = MigrateMode::Apply)]
     pub migrate: MigrateMode,
+
+    /// Partition queues of a fleet: P queues `<queue>.0..P-1` fed by item, each
+    /// consumed by one worker at a time, so that any number of workers keep
+    /// per-item order. Every worker of a fleet needs the same value. Unset: one
+    /// request queue.
+    #[arg(long, env = "QTY_PARTITIONS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub partitions: Option<u16>,
 }
 
 /// What `run` does about the schema at start.

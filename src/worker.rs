@@ -47,13 +47,13 @@ const INVALID_WARNINGS_PER_MINUTE: u32 = 20;
 /// A worker with its settings checked and its HTTP listener bound. It has not
 /// touched either dependency yet: [`Worker::run_until_stopped`] waits for them.
 pub struct Worker {
-    settings: Settings,
-    ctx: Arc<Context>,
-    db: Database,
-    addresses: Arc<Addresses>,
-    topology: Arc<Topology>,
+    pub(crate) settings: Settings,
+    pub(crate) ctx: Arc<Context>,
+    pub(crate) db: Database,
+    pub(crate) addresses: Arc<Addresses>,
+    pub(crate) topology: Arc<Topology>,
     /// Requests set aside for locked items, across the lanes.
-    set_aside: Arc<SetAside>,
+    pub(crate) set_aside: Arc<SetAside>,
     http_addr: SocketAddr,
     http: tokio::task::JoinHandle<()>,
 }
@@ -73,11 +73,14 @@ impl Worker {
         let connections = &settings.connections;
         let target = Target::parse(connections.database_url())?;
         let addresses = Arc::new(Addresses::parse(&connections.broker)?);
-        let topology = Arc::new(Topology::new(
-            connections.exchange(),
-            connections.queue(),
-            settings.worker.delivery_limit,
-        ));
+        let topology = Arc::new(
+            Topology::new(
+                connections.exchange(),
+                connections.queue(),
+                settings.worker.delivery_limit,
+            )
+            .partitioned(settings.worker.partitions),
+        );
         let db = Database::new(target, settings.worker.db_pool);
         let health = Arc::new(Health::default());
         let metrics = Arc::new(Metrics::new());
@@ -115,7 +118,7 @@ impl Worker {
             metrics,
             invalid_log: LogBudget::new(INVALID_WARNINGS_PER_MINUTE, Duration::from_secs(60)),
             refused_log: LogBudget::new(INVALID_WARNINGS_PER_MINUTE, Duration::from_secs(60)),
-            partitioned: false,
+            partitioned: settings.worker.partitions.is_some(),
             keyless_log: LogBudget::new(INVALID_WARNINGS_PER_MINUTE, Duration::from_secs(60)),
         });
         Ok(Worker {
@@ -147,6 +150,12 @@ impl Worker {
                 return Ok(());
             }
             () = self.wait_for_database() => {}
+        }
+        if let Some(partitions) = self.settings.worker.partitions {
+            crate::partitions::run(&self, partitions, &mut shutdown).await;
+            self.http.abort();
+            tracing::info!("stopped");
+            return Ok(());
         }
         // A tracker rather than a JoinSet: nothing needs a handler's result, and a
         // JoinSet woke this loop once per finished delivery to collect it.
@@ -424,11 +433,11 @@ impl Session {
             draining: VecDeque::new(),
             link: Arc::new(Link {
                 replies,
-                direct: DirectReplies::new(
+                direct: Arc::new(DirectReplies::new(
                     worker.addresses.clone(),
                     worker.ctx.health.clone(),
                     worker.ctx.metrics.clone(),
-                ),
+                )),
                 acks,
                 lost,
             }),

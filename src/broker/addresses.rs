@@ -173,13 +173,13 @@ impl Addresses {
             let address = runtime.to_socket_addrs((uri.authority.host.clone(), uri.authority.port));
             let stream = AsyncTcpStream::connect(&runtime, address)
                 .await
-                .map_err(|error| lapin::Error::from(error))?;
+                .map_err(lapin::Error::from)?;
             if let AsyncTcpStream::Plain(plain) = &stream {
                 let copy = plain
                     .get_ref()
                     .as_fd()
                     .try_clone_to_owned()
-                    .map_err(|error| lapin::Error::from(error))?;
+                    .map_err(lapin::Error::from)?;
                 socket.keep(std::net::TcpStream::from(copy));
             }
             match uri.scheme {
@@ -187,7 +187,7 @@ impl Addresses {
                 AMQPScheme::AMQPS => stream
                     .into_tls(&uri.authority.host, tls.as_ref())
                     .await
-                    .map_err(|error| lapin::Error::from(error)),
+                    .map_err(lapin::Error::from),
             }
         };
         let runtime = lapin::runtime::default_runtime()?;

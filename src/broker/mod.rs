@@ -7,10 +7,12 @@ pub mod permissions;
 mod publish;
 mod topology;
 
-pub use addresses::{Addresses, Unreachable};
+pub use addresses::{Addresses, Cut, Unreachable};
 pub use permissions::Permissions;
 pub use publish::publish;
-pub use topology::{CHECK_EVERY, DeclareError, REQUEST_ROUTING_KEY, Topology, amqp_code};
+pub use topology::{
+    CHECK_EVERY, DeclareError, HASH_PLUGIN, ITEM_HEADER, REQUEST_ROUTING_KEY, Topology, amqp_code,
+};
 
 use crate::settings::BrokerArgs;
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};

@@ -3,12 +3,21 @@
 //! and the dead-letter queue. They have one owner, [`Topology::new`], which the
 //! worker, `bench` and `dead-letters` all use.
 //!
+//! Partitioned ([`Topology::partitioned`], `QTY_PARTITIONS=P`), the one request
+//! queue gives way to P quorum queues `<queue>.0` … `<queue>.<P-1>`, each with
+//! single active consumer and the same dead-lettering, fed by a consistent-hash
+//! exchange `<exchange>.by-item` that hashes the `item_id` header and is bound to
+//! the exchange with `qty.adjust`. The plugin that provides that exchange type
+//! missing is [`DeclareError::PluginMissing`].
+//!
 //! Declaring is idempotent. While the worker runs, [`Topology::keep`] checks every
 //! few seconds that everything still exists and declares again what someone
 //! deleted, whatever route the replies take.
 
 use crate::health::Health;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ExchangeKind};
 use std::time::Duration;
@@ -30,7 +39,17 @@ pub struct Topology {
     pub dead_letter_queue: String,
     /// How often a delivery may be handed out before the queue dead-letters it.
     pub delivery_limit: u32,
+    /// `QTY_PARTITIONS`: how many partition queues, when partitioned.
+    pub partitions: Option<u16>,
+    /// `<exchange>.by-item`, the consistent-hash exchange (used when partitioned).
+    pub by_item_exchange: String,
 }
+
+/// The header the consistent-hash exchange hashes (contract §2).
+pub const ITEM_HEADER: &str = "item_id";
+
+/// The plugin that provides the `x-consistent-hash` exchange type.
+pub const HASH_PLUGIN: &str = "rabbitmq_consistent_hash_exchange";
 
 /// Why a declare failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +60,10 @@ pub enum DeclareError {
     Conflict(String),
     #[error("cannot declare {what}: {error}")]
     Broker { what: String, error: lapin::Error },
+    /// The broker does not know the `x-consistent-hash` exchange type: a
+    /// configuration problem an operator fixes by enabling the plugin.
+    #[error("plugin {HASH_PLUGIN} is not enabled")]
+    PluginMissing,
 }
 
 impl Topology {
@@ -51,7 +74,26 @@ impl Topology {
             dead_letter_exchange: format!("{exchange}.dlx"),
             dead_letter_queue: Topology::dead_letter_queue_of(queue),
             delivery_limit,
+            partitions: None,
+            by_item_exchange: format!("{exchange}.by-item"),
         }
+    }
+
+    /// The same names, with the request queue split into `partitions` queues.
+    pub fn partitioned(self, partitions: Option<u16>) -> Topology {
+        Topology { partitions, ..self }
+    }
+
+    /// `<queue>.<index>`, partition `index`'s queue.
+    pub fn partition_queue(&self, index: u16) -> String {
+        format!("{}.{index}", self.queue)
+    }
+
+    /// Every partition queue, in order (none when unpartitioned).
+    pub fn partition_queues(&self) -> Vec<String> {
+        (0..self.partitions.unwrap_or(0))
+            .map(|index| self.partition_queue(index))
+            .collect()
     }
 
     /// `<queue>.dead`, where the request queue `queue` dead-letters to.
@@ -118,10 +160,37 @@ impl Topology {
             long_string("at-least-once"),
         );
         arguments.insert("x-overflow".into(), long_string("reject-publish"));
+        if self.partitions.is_none() {
+            channel
+                .queue_declare(self.queue.as_str().into(), durable_queue, arguments)
+                .await
+                .map_err(|e| failed(what("queue", &self.queue), e))?;
+            return self.bind(channel).await;
+        }
+        let mut by_item = FieldTable::default();
+        by_item.insert("hash-header".into(), long_string(ITEM_HEADER));
         channel
-            .queue_declare(self.queue.as_str().into(), durable_queue, arguments)
+            .exchange_declare(
+                self.by_item_exchange.as_str().into(),
+                ExchangeKind::Custom("x-consistent-hash".into()),
+                durable,
+                by_item,
+            )
             .await
-            .map_err(|e| failed(what("queue", &self.queue), e))?;
+            .map_err(|e| match amqp_code(&e) {
+                // COMMAND_INVALID "invalid exchange type": the plugin is not enabled.
+                Some(503) => DeclareError::PluginMissing,
+                _ => failed(what("exchange", &self.by_item_exchange), e),
+            })?;
+        // One partition's requests, one active consumer: the broker's guard that
+        // two workers never consume a partition at once.
+        arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        for queue in self.partition_queues() {
+            channel
+                .queue_declare(queue.as_str().into(), durable_queue, arguments.clone())
+                .await
+                .map_err(|e| failed(what("queue", &queue), e))?;
+        }
         self.bind(channel).await
     }
 
@@ -136,22 +205,63 @@ impl Topology {
             )
             .await
             .map_err(|e| failed("the dead-letter binding".into(), e))?;
+        if self.partitions.is_none() {
+            return channel
+                .queue_bind(
+                    self.queue.as_str().into(),
+                    self.exchange.as_str().into(),
+                    REQUEST_ROUTING_KEY.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| failed("the request binding".into(), e));
+        }
         channel
-            .queue_bind(
-                self.queue.as_str().into(),
+            .exchange_bind(
+                self.by_item_exchange.as_str().into(),
                 self.exchange.as_str().into(),
                 REQUEST_ROUTING_KEY.into(),
-                QueueBindOptions::default(),
+                ExchangeBindOptions::default(),
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| failed("the request binding".into(), e))
+            .map_err(|e| failed("the request binding".into(), e))?;
+        for queue in self.partition_queues() {
+            // The binding key is the partition's weight on the hash ring.
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    self.by_item_exchange.as_str().into(),
+                    "1".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| failed(format!("the binding of {queue:?}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// The queues requests wait in: the request queue, or every partition queue.
+    fn request_queues(&self) -> Vec<String> {
+        match self.partitions {
+            None => vec![self.queue.clone()],
+            Some(_) => self.partition_queues(),
+        }
     }
 
     /// The first of the worker's exchanges and queues that does not exist, if
     /// any. A passive declare of a missing one closes the channel, so each check
     /// runs on a channel of its own.
-    async fn missing(&self, connection: &Connection) -> lapin::Result<Option<String>> {
+    ///
+    /// Unpartitioned, it also counts the request queue's consumers into
+    /// `consumers` (the worker's own included).
+    async fn missing(
+        &self,
+        connection: &Connection,
+        consumers: &mut u32,
+    ) -> lapin::Result<Option<String>> {
         let passive_exchange = ExchangeDeclareOptions {
             passive: true,
             ..Default::default()
@@ -161,10 +271,17 @@ impl Topology {
             ..Default::default()
         };
         let channel = connection.create_channel().await?;
-        for (exchange, kind) in [
+        let mut exchanges = vec![
             (&self.exchange, ExchangeKind::Topic),
             (&self.dead_letter_exchange, ExchangeKind::Direct),
-        ] {
+        ];
+        if self.partitions.is_some() {
+            exchanges.push((
+                &self.by_item_exchange,
+                ExchangeKind::Custom("x-consistent-hash".into()),
+            ));
+        }
+        for (exchange, kind) in exchanges {
             let checked = channel
                 .exchange_declare(
                     exchange.as_str().into(),
@@ -177,12 +294,18 @@ impl Topology {
                 return not_found(error).map(|()| Some(format!("exchange {exchange:?}")));
             }
         }
-        for queue in [&self.queue, &self.dead_letter_queue] {
+        let mut queues = self.request_queues();
+        queues.push(self.dead_letter_queue.clone());
+        for queue in &queues {
             let checked = channel
                 .queue_declare(queue.as_str().into(), passive_queue, FieldTable::default())
                 .await;
-            if let Err(error) = checked {
-                return not_found(error).map(|()| Some(format!("queue {queue:?}")));
+            match checked {
+                Err(error) => {
+                    return not_found(error).map(|()| Some(format!("queue {queue:?}")));
+                }
+                Ok(declared) if *queue == self.queue => *consumers = declared.consumer_count(),
+                Ok(_) => {}
             }
         }
         // Bindings cannot be checked passively; binding again is a no-op.
@@ -206,7 +329,12 @@ impl Topology {
             {
                 return;
             }
-            let Ok(Some(missing)) = self.missing(connection).await else {
+            let mut consumers = 0;
+            let checked = self.missing(connection, &mut consumers).await;
+            if self.partitions.is_none() && consumers > 1 {
+                health.set_competing_consumers(consumers);
+            }
+            let Ok(Some(missing)) = checked else {
                 continue;
             };
             tracing::warn!(%missing, "topology: {missing} was deleted; declaring it again");

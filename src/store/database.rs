@@ -40,7 +40,17 @@ pub enum PrepareError {
 impl Database {
     /// A pool that connects on first use, with at most `max_connections`.
     pub fn new(target: Target, max_connections: u32) -> Database {
-        let target = Arc::new(target);
+        Database::on(Arc::new(target), max_connections)
+    }
+
+    /// Another pool on the same target (which hosts it has found included), so
+    /// that work that must not queue behind the lanes' transactions (the
+    /// fleet's leases) has connections of its own.
+    pub fn sibling(&self, max_connections: u32) -> Database {
+        Database::on(self.target.clone(), max_connections)
+    }
+
+    fn on(target: Arc<Target>, max_connections: u32) -> Database {
         let check = target.clone();
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)

@@ -8,6 +8,7 @@
 //!   runtime role's grants;
 //! - [`literal`]: values escaped into SQL, for PgBouncer-safe simple queries;
 //! - [`errors`]: transient versus permanent, by SQLSTATE;
+//! - [`fleet`]: membership and partition leases of a partitioned fleet;
 //! - [`operator`]: the operator commands' queries.
 //!
 //! The guard and the idempotency are decided inside PostgreSQL (the `qty_adjust`
@@ -16,6 +17,7 @@
 pub mod adjust;
 pub mod database;
 pub mod errors;
+pub mod fleet;
 pub mod literal;
 pub mod operator;
 pub mod schema;

@@ -9,8 +9,18 @@ use super::target::describe;
 use sqlx::migrate::MigrateError;
 use sqlx::{Connection as _, PgConnection, Row as _};
 
-/// The one function `run` calls; the runtime role may execute it and nothing else.
+/// The one function `run` calls on the hot path.
 pub const ADJUST_FUNCTION: &str = "qty_adjust(text[], uuid[], bigint[], text[], integer)";
+
+/// The functions a partitioned worker calls to share the partitions with its
+/// fleet (`store::fleet`). With `ADJUST_FUNCTION`, all the runtime role may execute.
+pub const FLEET_FUNCTIONS: [&str; 5] = [
+    "qty_fleet_tick(text, text, integer, integer)",
+    "qty_lease_claim(text, integer, text, integer)",
+    "qty_lease_renew(text, text, integer[], bigint[], integer)",
+    "qty_lease_release(text, text, integer, bigint)",
+    "qty_fleet_leave(text, text)",
+];
 
 /// Why the schema is not usable yet. Each is retried by `run`: a migration or a
 /// grant fixes it without a restart.
@@ -122,8 +132,9 @@ pub async fn check(connection: &mut PgConnection) -> Result<(), SchemaError> {
 }
 
 /// Grants `role` exactly what `run` with `QTY_MIGRATE=check` needs: connecting,
-/// USAGE on the schema, reading the migrations table, executing `qty_adjust`.
-/// Nothing on `items` or `adjustments`: the function changes them as its owner.
+/// USAGE on the schema, reading the migrations table, executing `qty_adjust`
+/// and the fleet's functions. Nothing on `items`, `adjustments` or the fleet's
+/// tables: the functions change them as their owner.
 pub async fn grant_runtime_role(
     connection: &mut PgConnection,
     role: &str,
@@ -142,7 +153,7 @@ pub async fn grant_runtime_role(
         )));
     }
     let role = literal::ident(role);
-    let grants = format!(
+    let mut grants = format!(
         "do $$ begin \
            execute format('grant connect on database %I to {role}', current_database()); \
            execute format('grant usage on schema %I to {role}', current_schema()); \
@@ -150,6 +161,9 @@ pub async fn grant_runtime_role(
          grant select on table _sqlx_migrations to {role}; \
          grant execute on function {ADJUST_FUNCTION} to {role};"
     );
+    for function in FLEET_FUNCTIONS {
+        grants.push_str(&format!(" grant execute on function {function} to {role};"));
+    }
     sqlx::raw_sql(sqlx::AssertSqlSafe(grants))
         .execute(&mut *connection)
         .await

@@ -15,6 +15,7 @@ mod locks;
 #[cfg(feature = "otlp")]
 mod otlp;
 mod outcomes;
+mod partitions;
 mod publishers;
 mod refused_replies;
 mod replies;

@@ -1,6 +1,7 @@
 //! Throwaway RabbitMQ nodes, alone or clustered. Each node has its own name,
-//! ports, data and log directories, an empty plugin list and a config file that
-//! keeps it off the system node's port. Nodes run as `rabbitmq` (sharing that
+//! ports, data and log directories, its own plugin list (empty unless asked:
+//! never the system node's) and a config file that keeps it off the system
+//! node's port. Nodes run as `rabbitmq` (sharing that
 //! user's Erlang cookie, which clustering needs) and are stopped and removed on
 //! drop.
 
@@ -21,11 +22,15 @@ pub struct Node {
 }
 
 impl Node {
-    fn create(name: String, extra_config: &str) -> Node {
+    fn create(name: String, extra_config: &str, plugins: &[&str]) -> Node {
         let dir = std::env::temp_dir().join(format!("qtyw-rmq-{}", suffix()));
         std::fs::create_dir_all(&dir).expect("create the node's directory");
         let port = free_port();
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("write enabled_plugins");
+        std::fs::write(
+            dir.join("enabled_plugins"),
+            format!("[{}].\n", plugins.join(",")),
+        )
+        .expect("write enabled_plugins");
         std::fs::write(
             dir.join("rabbitmq.conf"),
             format!(
@@ -138,10 +143,20 @@ impl Cluster {
     /// The same, with `extra_config` (rabbitmq.conf lines) added to each node's
     /// configuration: a TLS listener, say.
     pub fn start_with(size: usize, extra_config: &str) -> Cluster {
+        Cluster::start_full(size, extra_config, &[])
+    }
+
+    /// `size` nodes with `plugins` enabled on each (from the node's own
+    /// `enabled_plugins` file): `rabbitmq_consistent_hash_exchange`, say.
+    pub fn start_with_plugins(size: usize, plugins: &[&str]) -> Cluster {
+        Cluster::start_full(size, "", plugins)
+    }
+
+    fn start_full(size: usize, extra_config: &str, plugins: &[&str]) -> Cluster {
         assert!(size >= 1);
         let id = suffix();
         let nodes: Vec<Node> = (0..size)
-            .map(|n| Node::create(format!("qtyw{id}n{n}@localhost"), extra_config))
+            .map(|n| Node::create(format!("qtyw{id}n{n}@localhost"), extra_config, plugins))
             .collect();
         // Launching is quick; waiting is what takes time, so launch all first.
         for node in &nodes {

@@ -84,6 +84,7 @@ impl Names {
                 publishers: None,
                 set_aside_max: qty_worker::settings::DEFAULT_SET_ASIDE_MAX,
                 migrate: qty_worker::settings::MigrateMode::Apply,
+                partitions: None,
             },
         }
     }

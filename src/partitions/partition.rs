@@ -1,0 +1,234 @@
+//! One owned partition queue: its channel, its consumer and the deliveries it
+//! holds, from the moment its lease is claimed until it is handed over.
+//!
+//! Each partition has a channel of its own, so its deliveries can be settled,
+//! counted and given back apart from the other partitions'. Handing over keeps
+//! the partition's order because nobody else subscribes while this worker holds
+//! the lease: the consumer is cancelled (nothing new comes), the deliveries in
+//! hand are finished within the drain time, what is left is put back by closing
+//! the channel (with no other consumer waiting, the queue keeps it in its
+//! place), and only then is the lease released.
+
+use crate::ack::{self, Acks};
+use crate::delivery::{self, Context, Link};
+use crate::direct_replies::DirectReplies;
+use crate::window::{Widen, Window};
+use futures::StreamExt as _;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// What a partition's task is told while it runs.
+pub struct Control {
+    /// Hand the partition over: stop taking, finish or put back, close.
+    pub hand_over: CancellationToken,
+    /// Start a fresh consumer (the set-aside requests no longer hold slots).
+    pub widen: Arc<Notify>,
+    /// Whether the lease is certainly held for a while yet; a cancel (widening)
+    /// is safe only then, since nobody else may wait on the queue meanwhile.
+    pub lease_sure: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// How a partition's task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Handed over: nothing of it is held any more; its lease may be released.
+    HandedOver,
+    /// Its channel or consumer failed: the session must be dropped.
+    Failed,
+}
+
+/// An owned partition being consumed.
+pub struct Partition {
+    pub index: u16,
+    queue: String,
+    channel: Channel,
+    consumer: Consumer,
+    /// Consumers cancelled to widen the window, oldest first, until their last
+    /// deliveries are in (see `window`).
+    draining: VecDeque<Consumer>,
+    link: Arc<Link>,
+    settling: ack::Sender,
+    in_flight: TaskTracker,
+    window: Window,
+}
+
+/// What every partition of a session shares.
+pub struct Shared {
+    pub ctx: Arc<Context>,
+    pub replies: Channel,
+    pub direct: Arc<DirectReplies>,
+    /// Cancelled when the session is given up.
+    pub lost: CancellationToken,
+    pub prefetch: u16,
+    pub set_aside_max: u32,
+    pub drain: Duration,
+}
+
+impl Partition {
+    /// Opens a channel and subscribes to `queue`. Call only while holding its
+    /// lease: a consumer of another worker must never be waiting behind ours.
+    pub async fn subscribe(
+        connection: &Connection,
+        index: u16,
+        queue: String,
+        shared: &Shared,
+    ) -> lapin::Result<Partition> {
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(shared.prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = consume(&channel, &queue).await?;
+        let lost = shared.lost.child_token();
+        let hold = usize::from(shared.prefetch).div_ceil(2);
+        let (acks, settling) = Acks::start(channel.clone(), hold, lost.clone());
+        Ok(Partition {
+            index,
+            queue,
+            channel,
+            consumer,
+            draining: VecDeque::new(),
+            link: Arc::new(Link {
+                replies: shared.replies.clone(),
+                direct: shared.direct.clone(),
+                acks,
+                lost,
+            }),
+            settling,
+            in_flight: TaskTracker::new(),
+            window: Window::new(shared.prefetch, shared.set_aside_max),
+        })
+    }
+
+    /// Consumes until told to hand over (and then hands over) or until the
+    /// channel fails.
+    pub async fn run(mut self, shared: Arc<Shared>, control: Control) -> Ended {
+        loop {
+            tokio::select! {
+                biased;
+                () = control.hand_over.cancelled() => return self.hand_over(&shared).await,
+                () = self.link.lost.cancelled() => return Ended::Failed,
+                next = next_of(&mut self.draining), if !self.draining.is_empty() => match next {
+                    Some(Ok(delivery)) => self.spawn(&shared.ctx, delivery),
+                    Some(Err(_)) => return Ended::Failed,
+                    None => {
+                        self.draining.pop_front();
+                    }
+                },
+                next = self.consumer.next(), if self.draining.is_empty() => match next {
+                    Some(Ok(delivery)) => self.spawn(&shared.ctx, delivery),
+                    // Cancelled by the broker (the queue deleted) or failed.
+                    _ => return Ended::Failed,
+                },
+                () = control.widen.notified() => {
+                    let waiting = shared.ctx.metrics.set_aside.get().max(0) as usize;
+                    if self.window.check(waiting) == Widen::Now
+                        && (control.lease_sure)()
+                        && self.fresh_consumer().await.is_err()
+                    {
+                        return Ended::Failed;
+                    }
+                }
+            }
+        }
+    }
+
+    fn spawn(&self, ctx: &Arc<Context>, delivery: lapin::message::Delivery) {
+        self.in_flight
+            .spawn(delivery::receive(ctx, delivery, &self.link));
+    }
+
+    /// Cancels the consumer and starts another (see `window`). Safe only while
+    /// the lease is held: with nobody else subscribed, the fresh consumer is
+    /// the one that becomes active.
+    async fn fresh_consumer(&mut self) -> lapin::Result<()> {
+        self.channel
+            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
+            .await?;
+        let fresh = consume(&self.channel, &self.queue).await?;
+        self.draining
+            .push_back(std::mem::replace(&mut self.consumer, fresh));
+        tracing::info!(
+            partition = self.index,
+            "requests set aside for locked items no longer hold delivery slots: consuming afresh"
+        );
+        Ok(())
+    }
+
+    /// Stops taking deliveries, finishes those in hand within the drain time,
+    /// and closes the channel, which puts back in their place any not finished.
+    async fn hand_over(mut self, shared: &Shared) -> Ended {
+        let cancelled = self
+            .channel
+            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
+            .await;
+        self.in_flight.close();
+        let finish = async {
+            if cancelled.is_ok() {
+                let consumers: Vec<Consumer> = self.draining.drain(..).collect();
+                for mut consumer in consumers {
+                    while let Some(Ok(delivery)) = consumer.next().await {
+                        self.spawn(&shared.ctx, delivery);
+                    }
+                }
+                while let Some(Ok(delivery)) = self.consumer.next().await {
+                    self.spawn(&shared.ctx, delivery);
+                }
+            }
+            self.in_flight.wait().await;
+        };
+        let finished = tokio::time::timeout(shared.drain, finish).await.is_ok();
+        if !finished {
+            tracing::warn!(
+                partition = self.index,
+                left = self.in_flight.len(),
+                "hand-over: drain time is up; unfinished deliveries go back to the partition in their place"
+            );
+            self.link.lost.cancel();
+            tokio::time::timeout(Duration::from_secs(2), self.in_flight.wait())
+                .await
+                .ok();
+        }
+        let Partition {
+            channel,
+            link,
+            settling,
+            ..
+        } = self;
+        drop(link);
+        let limit = Duration::from_secs(2);
+        tokio::time::timeout(limit, settling.finish()).await.ok();
+        let closed = tokio::time::timeout(limit, channel.close(200, "handed over".into())).await;
+        match (cancelled, closed) {
+            (Ok(()), Ok(Ok(()))) => Ended::HandedOver,
+            _ => Ended::Failed,
+        }
+    }
+}
+
+async fn consume(channel: &Channel, queue: &str) -> lapin::Result<Consumer> {
+    channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// The next delivery of the oldest consumer being drained.
+async fn next_of(
+    draining: &mut VecDeque<Consumer>,
+) -> Option<lapin::Result<lapin::message::Delivery>> {
+    match draining.front_mut() {
+        Some(consumer) => consumer.next().await,
+        None => std::future::pending().await,
+    }
+}
