@@ -4,7 +4,13 @@
 //!
 //! ```sh
 //! cargo run --release --features fault-injection --example chaos -- --messages 100000 --minutes 10
+//! cargo run --release --features fault-injection --example chaos -- --partitions 8 --workers 3
 //! ```
+//!
+//! With `--partitions`, the workers run as a partitioned fleet, the stream
+//! carries the `item_id` header, a worker is also stopped (SIGTERM) and replaced
+//! in turn, and the final check adds per-item order: each item's ledger order
+//! must be its publish order.
 //!
 //! It runs on servers of its own, started in temporary directories on free ports
 //! and removed at the end: a PostgreSQL primary with a synchronous standby, and a
@@ -28,11 +34,18 @@ struct Args {
     /// Items the requests are spread over.
     #[arg(long, default_value_t = 20)]
     items: usize,
+    /// Run the workers partitioned (QTY_PARTITIONS) and check per-item order.
+    #[arg(long)]
+    partitions: Option<u16>,
+    /// Workers at once.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Fault {
     KillWorker,
+    StopWorker,
     TerminateDbSessions,
     CloseBrokerConnections,
     CutBrokerLink,
@@ -47,8 +60,9 @@ enum Fault {
     LoseClusterNode,
 }
 
-const ROTATION: [Fault; 13] = [
+const ROTATION: [Fault; 14] = [
     Fault::KillWorker,
+    Fault::StopWorker,
     Fault::TerminateDbSessions,
     Fault::CutBrokerLink,
     Fault::CloseBrokerConnections,
@@ -79,6 +93,7 @@ async fn main() {
         postgres: true,
         standby: true,
         rabbitmq_nodes: 3,
+        hash_exchange: args.partitions.is_some(),
     };
     let Some(mut s) = Scenario::on("chaos", args.items, 1_000_000_000, own).await else {
         std::process::exit(1);
@@ -101,14 +116,23 @@ async fn main() {
         .map(|proxy| format!("amqp://guest:guest@{}/%2f?heartbeat=2", proxy.addr))
         .collect::<Vec<_>>()
         .join(",");
-    s.start_worker().await;
-    s.start_worker().await;
-    let mut live: Vec<usize> = vec![0, 1];
+    if let Some(partitions) = args.partitions {
+        s.partitioned(partitions);
+    }
+    for _ in 0..args.workers {
+        s.start_worker().await;
+    }
+    let mut live: Vec<usize> = (0..args.workers).collect();
     let rate = (args.messages as f64 / run_for.as_secs_f64()).ceil() as u64;
     let publisher = s.spawn_publisher(s.plan(args.messages, 42), rate);
     println!(
-        "publishing {} requests at {rate}/s for {} min, 2 workers",
-        args.messages, args.minutes
+        "publishing {} requests at {rate}/s for {} min, {} workers{}",
+        args.messages,
+        args.minutes,
+        args.workers,
+        args.partitions
+            .map(|p| format!(", {p} partitions"))
+            .unwrap_or_default()
     );
 
     let started = Instant::now();
@@ -152,6 +176,9 @@ async fn main() {
     println!("lost            {}", verdicts.lost);
     println!("applied twice   {}", verdicts.applied_twice);
     println!("unanswered      {}", verdicts.unanswered);
+    if args.partitions.is_some() {
+        println!("out of order    {} items", verdicts.items_out_of_order);
+    }
     println!("faults injected:");
     for (fault, count) in &injected {
         let times = &recovery[fault];
@@ -180,6 +207,12 @@ async fn inject(s: &mut Scenario, links: &Links, live: &mut Vec<usize>, fault: F
         Fault::KillWorker => {
             let victim = live.remove(turn % live.len());
             s.kill_worker(victim);
+            s.start_worker().await;
+            live.push(s.workers.len() - 1);
+        }
+        Fault::StopWorker => {
+            let victim = live.remove(turn % live.len());
+            s.stop_worker(victim).await;
             s.start_worker().await;
             live.push(s.workers.len() - 1);
         }

@@ -62,12 +62,15 @@ $$;
 
 -- Claims a partition that is free, whose lease has expired, or that this
 -- member holds already (after it dropped its broker connection); answers the
--- new epoch, or null when someone else holds it.
+-- new epoch, or null when someone else holds it. A lease without a row yet
+-- (the unpartitioned queue's drain, which no tick creates) starts free.
 create function qty_lease_claim(fleet_name text, part int, member_id text, ttl_ms int)
 returns bigint
 language sql
 security definer
 as $$
+    insert into partition_leases (fleet, partition) values (fleet_name, part)
+    on conflict do nothing;
     update partition_leases
        set owner = member_id, epoch = epoch + 1,
            expires_at = clock_timestamp() + ttl_ms * interval '1 millisecond'

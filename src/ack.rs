@@ -99,6 +99,14 @@ impl Acks {
         self.lock().requeue(tag, &self.settle);
     }
 
+    /// Hands back every delivery still being worked on, one nack each, in the
+    /// order they were delivered, so that the queue puts them back in that order.
+    /// (Closing the channel instead returns them consumer by consumer, in the
+    /// broker's order of consumer tags, which a widened window makes several.)
+    pub fn hand_back_unfinished(&self) -> usize {
+        self.lock().hand_back_unfinished(&self.settle)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // The state is consistent after every statement, so a panic elsewhere
         // while it was held leaves nothing half-done.
@@ -130,6 +138,19 @@ impl State {
             queue.send(Settle::Requeue(tag)).ok();
             self.settle_front(queue);
         }
+    }
+
+    fn hand_back_unfinished(&mut self, queue: &mpsc::UnboundedSender<Settle>) -> usize {
+        let mut handed = 0;
+        for (tag, entry) in self.unsettled.iter_mut() {
+            if *entry == Entry::Working {
+                *entry = Entry::Settled;
+                queue.send(Settle::Requeue(*tag)).ok();
+                handed += 1;
+            }
+        }
+        self.settle_front(queue);
+        handed
     }
 
     /// Where the delivery is, if it is still being worked on.
@@ -268,6 +289,29 @@ mod tests {
         fn sent(&mut self) -> Vec<Settle> {
             std::iter::from_fn(|| self.sent.try_recv().ok()).collect()
         }
+    }
+
+    #[test]
+    fn unfinished_deliveries_are_handed_back_in_delivery_order_before_the_ack_of_the_rest() {
+        let mut h = Harness::new(10, 1..=5);
+        h.replied(2);
+        h.replied(4);
+        assert_eq!(h.sent(), []);
+        let handed = h.state.hand_back_unfinished(&h.queue);
+        assert_eq!(handed, 3);
+        assert_eq!(
+            h.sent(),
+            [
+                Settle::Requeue(1),
+                Settle::Requeue(3),
+                Settle::Requeue(5),
+                Settle::UpTo(4)
+            ]
+        );
+        assert!(h.state.unsettled.is_empty());
+        // A handler that finishes afterwards settles nothing twice.
+        h.replied(3);
+        assert_eq!(h.sent(), []);
     }
 
     #[test]

@@ -505,8 +505,12 @@ impl Session {
             in_flight.wait().await;
         };
         if tokio::time::timeout(drain_for, finish).await.is_err() {
+            // One nack each, in delivery order: closing the channel would return
+            // them consumer by consumer, out of order when the window was widened.
+            let handed = self.link.acks.hand_back_unfinished();
             tracing::warn!(
                 left = in_flight.len(),
+                handed,
                 "drain time is up; unfinished deliveries go back to the queue"
             );
             // Every handler stops waiting once the session is given up; its

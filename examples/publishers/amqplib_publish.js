@@ -33,6 +33,8 @@ async function main() {
     contentType: "application/json",
     persistent: true,
     mandatory: true,
+    // The item again, as a header: partitioned workers route by it.
+    headers: { item_id: itemId },
   });
   await channel.waitForConfirms();
   const timeout = new Promise((_, reject) =>

@@ -35,6 +35,8 @@ with Connection(url) as connection:
             message_id=message_id,  # the idempotency key: reuse it to retry safely
             correlation_id=message_id,
             reply_to=reply_queue.name,
+            # The item again, as a header: partitioned workers route by it.
+            headers={"item_id": item_id},
         )
         while not replies:
             connection.drain_events(timeout=30)

@@ -34,6 +34,9 @@ channel.basic_publish(
         correlation_id=message_id,
         content_type="application/json",
         delivery_mode=2,
+        # The item again, as a header: partitioned workers route by it, so that
+        # one item's requests keep their order across a fleet.
+        headers={"item_id": item_id},
     ),
     mandatory=True,
 )

@@ -86,6 +86,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// With --backlog: declare the partitioned topology (the workers must run
+    /// with the same QTY_PARTITIONS), so the backlog waits in the partitions.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub partitions: Option<u16>,
 }
 
 pub async fn run(connections: &Connections, args: BenchArgs) -> anyhow::Result<Report> {
@@ -118,7 +122,8 @@ pub async fn run(connections: &Connections, args: BenchArgs) -> anyhow::Result<R
             connections.exchange(),
             connections.queue(),
             crate::settings::DEFAULT_DELIVERY_LIMIT,
-        );
+        )
+        .partitioned(args.partitions);
         topology.declare(&publisher).await.context(
             "cannot declare the queue (a worker with another --delivery-limit declared it first?)",
         )?;
@@ -207,6 +212,7 @@ async fn publish_all(
             .with_message_id(short(&request.message_id))
             .with_reply_to(short(reply_queue))
             .with_content_type(short("application/json"))
+            .with_headers(crate::broker::item_headers(request.item))
             .with_delivery_mode(2);
         if let Some(user) = &args.user_id {
             properties = properties.with_user_id(short(user));

@@ -79,6 +79,17 @@ pub fn header_text(properties: &lapin::BasicProperties, name: &str) -> Option<St
     }
 }
 
+/// The headers of a request about `item`: its `item_id`, which partitioned
+/// workers' exchange routes by (contract §2).
+pub fn item_headers(item: uuid::Uuid) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ITEM_HEADER.into(),
+        lapin::types::AMQPValue::LongString(item.to_string().into()),
+    );
+    headers
+}
+
 /// A short string from text that came from the broker or from validated settings.
 pub fn short(value: &str) -> ShortString {
     ShortString::from(value)

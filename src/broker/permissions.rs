@@ -23,13 +23,30 @@ impl Permissions {
     ///   exchange as its target;
     /// - read: consume its queue, bind from its exchange and its dead-letter
     ///   exchange.
+    ///
+    /// Partitioned, the same for the hash exchange `<exchange>.by-item` (bound
+    /// from the exchange, bound to by the partitions) and the partition queues
+    /// `<queue>.N`; the unpartitioned `<queue>` stays, since switching drains it.
     pub fn worker(topology: &Topology) -> Permissions {
         let (exchange, dlx) = (&topology.exchange, &topology.dead_letter_exchange);
         let (queue, dead) = (&topology.queue, &topology.dead_letter_queue);
+        if topology.partitions.is_none() {
+            return Permissions {
+                configure: any_of(&[exchange, dlx, queue, dead]),
+                write: any_of(&[exchange, dlx, "amq.default", queue, dead]),
+                read: any_of(&[exchange, dlx, queue]),
+            };
+        }
+        let by_item = escape(&topology.by_item_exchange);
+        let partitions = format!("{}\\.[0-9]+", escape(queue));
+        let with = |names: &[&str]| {
+            let listed = any_of(names);
+            format!("{}|{by_item}|{partitions})$", &listed[..listed.len() - 2])
+        };
         Permissions {
-            configure: any_of(&[exchange, dlx, queue, dead]),
-            write: any_of(&[exchange, dlx, "amq.default", queue, dead]),
-            read: any_of(&[exchange, dlx, queue]),
+            configure: with(&[exchange, dlx, queue, dead]),
+            write: with(&[exchange, dlx, "amq.default", queue, dead]),
+            read: with(&[exchange, dlx, queue]),
         }
     }
 
@@ -74,9 +91,15 @@ mod tests {
     #[test]
     fn the_security_page_shows_the_permissions_of_the_default_names() {
         let page = include_str!("../../docs/security.md");
-        let worker = Permissions::worker(&Topology::new("inventory", "qty.adjust", 10));
+        let topology = Topology::new("inventory", "qty.adjust", 10);
+        let worker = Permissions::worker(&topology);
+        let partitioned = Permissions::worker(&topology.clone().partitioned(Some(8)));
         let publisher = Permissions::publisher("inventory");
-        for (user, permissions) in [("qty-worker", worker), ("orders", publisher)] {
+        for (user, permissions) in [
+            ("qty-worker", worker),
+            ("qty-worker", partitioned),
+            ("orders", publisher),
+        ] {
             let command = format!(
                 "rabbitmqctl set_permissions -p / {user} \\\n  '{}' \\\n  '{}' \\\n  '{}'",
                 permissions.configure, permissions.write, permissions.read
@@ -86,6 +109,22 @@ mod tests {
                 "docs/security.md lacks:\n{command}"
             );
         }
+    }
+
+    #[test]
+    fn a_partitioned_worker_may_also_use_the_hash_exchange_and_the_partition_queues() {
+        let topology = Topology::new("inventory", "qty.adjust", 10).partitioned(Some(8));
+        let worker = Permissions::worker(&topology);
+        assert_eq!(
+            worker.configure,
+            "^(inventory|inventory\\.dlx|qty\\.adjust|qty\\.adjust\\.dead|inventory\\.by-item|qty\\.adjust\\.[0-9]+)$"
+        );
+        assert!(worker.write.contains("|amq\\.default|"), "{}", worker.write);
+        assert!(
+            worker
+                .read
+                .ends_with("|inventory\\.by-item|qty\\.adjust\\.[0-9]+)$")
+        );
     }
 
     #[test]

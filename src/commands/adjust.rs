@@ -38,6 +38,7 @@ pub async fn run(args: AdjustArgs, output: Output) -> anyhow::Result<ExitCode> {
         .with_reply_to(short(DIRECT_REPLY_TO))
         .with_content_type(short("application/json"))
         .with_user_id(short(&user))
+        .with_headers(broker::item_headers(args.item_id))
         .with_delivery_mode(2);
     let confirm = channel
         .basic_publish(

@@ -11,6 +11,7 @@
 //! this worker held back in its place before any other consumer gets one. The
 //! loop connects again and claims its share anew.
 
+mod legacy;
 mod partition;
 
 use crate::backoff::Backoff;
@@ -23,6 +24,7 @@ use crate::store::fleet::Fleet;
 use crate::worker::Worker;
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection};
+use legacy::LEGACY;
 use partition::{Control, Ended, Partition, Shared};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -94,6 +96,8 @@ pub async fn run(
             session,
             running: BTreeMap::new(),
             releasing: BTreeSet::new(),
+            legacy_pending: true,
+            legacy_unbound: false,
             ended_tx,
             ended_rx,
         };
@@ -170,6 +174,11 @@ struct Serving<'a> {
     running: BTreeMap<u16, Running>,
     /// Partitions being handed over (still running, still leased).
     releasing: BTreeSet<u16>,
+    /// Until the unpartitioned queue is found gone: no partition is claimed
+    /// before its requests are served (see `legacy`).
+    legacy_pending: bool,
+    /// Whether this session unbound the unpartitioned queue already.
+    legacy_unbound: bool,
     /// Where each partition's task says how it ended.
     ended_tx: mpsc::UnboundedSender<(u16, Ended)>,
     ended_rx: mpsc::UnboundedReceiver<(u16, Ended)>,
@@ -243,6 +252,12 @@ impl Serving<'_> {
                 return Ok(());
             }
         };
+        if self.legacy_pending {
+            self.drain_legacy().await?;
+            if self.legacy_pending {
+                return Ok(());
+            }
+        }
         let me = self.fleet.member();
         let held = self.leases.held();
         let plan = plan::plan(&view.members, me, &view.owners, &held, &self.releasing);
@@ -284,8 +299,56 @@ impl Serving<'_> {
         Ok(())
     }
 
+    /// While the unpartitioned queue exists: unbind it, and drain it under the
+    /// [`LEGACY`] lease (one worker at a time), then let partitions start.
+    async fn drain_legacy(&mut self) -> Result<(), SessionEnd> {
+        let topology = &self.worker.topology;
+        let connection = self.session.connection.clone();
+        let ready = match legacy::ready(&connection, topology).await {
+            Ok(Some(ready)) => ready,
+            Ok(None) => {
+                self.legacy_pending = false;
+                return Ok(());
+            }
+            Err(error) => {
+                tracing::warn!(%error, queue = %topology.queue, "cannot look at the unpartitioned queue; trying again");
+                return Ok(());
+            }
+        };
+        if !self.legacy_unbound {
+            match legacy::unbind(&connection, topology).await {
+                Ok(()) => {
+                    self.legacy_unbound = true;
+                    tracing::info!(queue = %topology.queue, ready, "unbound the unpartitioned queue: new requests wait in the partitions until its requests are served");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot unbind the unpartitioned queue; trying again")
+                }
+            }
+        }
+        if let Some(running) = self.running.get(&LEGACY) {
+            if ready == 0 && self.releasing.insert(LEGACY) {
+                running.hand_over.cancel();
+            }
+            return Ok(());
+        }
+        let sent = Instant::now();
+        if let Ok(Some(epoch)) = self.fleet.claim(LEGACY, LEASE_TTL).await {
+            self.leases.claimed(LEGACY, epoch, sent);
+            if let Err(error) = self.subscribe(LEGACY).await {
+                tracing::warn!(%error, "cannot subscribe to the unpartitioned queue");
+                return Err(SessionEnd::Lost);
+            }
+            tracing::info!(queue = %topology.queue, ready, "serving the unpartitioned queue's requests before any partition's");
+        }
+        Ok(())
+    }
+
     async fn subscribe(&mut self, index: u16) -> lapin::Result<()> {
-        let queue = self.worker.topology.partition_queue(index);
+        let queue = match index {
+            LEGACY => self.worker.topology.queue.clone(),
+            _ => self.worker.topology.partition_queue(index),
+        };
         let partition =
             Partition::subscribe(&self.session.connection, index, queue, &self.session.shared)
                 .await?;
@@ -312,6 +375,18 @@ impl Serving<'_> {
     async fn released(&mut self, partition: u16) {
         self.running.remove(&partition);
         self.releasing.remove(&partition);
+        if partition == LEGACY {
+            match legacy::delete_if_empty(&self.session.connection, &self.worker.topology).await {
+                Ok(true) => {
+                    self.legacy_pending = false;
+                    tracing::info!(queue = %self.worker.topology.queue, "the unpartitioned queue is served and deleted: partitions start");
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "cannot delete the unpartitioned queue; trying again")
+                }
+            }
+        }
         if let Some(lease) = self.leases.remove(partition) {
             match self.fleet.release(partition, lease.epoch).await {
                 Ok(_) => tracing::info!(partition, "gave partition up"),
@@ -326,7 +401,12 @@ impl Serving<'_> {
 
     /// Shows the owned partitions in `/readyz` and the gauge.
     fn show(&self) {
-        let owned: Vec<u16> = self.running.keys().copied().collect();
+        let owned: Vec<u16> = self
+            .running
+            .keys()
+            .copied()
+            .filter(|&p| p != LEGACY)
+            .collect();
         self.worker
             .ctx
             .metrics

@@ -5,9 +5,12 @@
 //! counted and given back apart from the other partitions'. Handing over keeps
 //! the partition's order because nobody else subscribes while this worker holds
 //! the lease: the consumer is cancelled (nothing new comes), the deliveries in
-//! hand are finished within the drain time, what is left is put back by closing
-//! the channel (with no other consumer waiting, the queue keeps it in its
-//! place), and only then is the lease released.
+//! hand are finished within the drain time, what is left is handed back one
+//! nack at a time in delivery order (with no other consumer waiting, the queue
+//! serves them first, in that order), the channel is closed, and only then is
+//! the lease released. A nack each rather than the close: a widened window
+//! leaves several consumers on the channel, and a close returns their
+//! deliveries consumer by consumer, in an order that is not the queue's.
 
 use crate::ack::{self, Acks};
 use crate::delivery::{self, Context, Link};
@@ -126,7 +129,9 @@ impl Partition {
                     // Cancelled by the broker (the queue deleted) or failed.
                     _ => return Ended::Failed,
                 },
-                () = control.widen.notified() => {
+                // Requests set aside somewhere grew: widen this partition's
+                // window only if it is full (its own deliveries are held).
+                () = control.widen.notified(), if self.in_flight.len() >= usize::from(shared.prefetch) => {
                     let waiting = shared.ctx.metrics.set_aside.get().max(0) as usize;
                     if self.window.check(waiting) == Widen::Now
                         && (control.lease_sure)()
@@ -185,9 +190,10 @@ impl Partition {
         };
         let finished = tokio::time::timeout(shared.drain, finish).await.is_ok();
         if !finished {
+            let handed = self.link.acks.hand_back_unfinished();
             tracing::warn!(
                 partition = self.index,
-                left = self.in_flight.len(),
+                handed,
                 "hand-over: drain time is up; unfinished deliveries go back to the partition in their place"
             );
             self.link.lost.cancel();

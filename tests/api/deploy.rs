@@ -127,12 +127,44 @@ fn the_manifests_use_the_binarys_settings_probes_port_and_queue() {
         );
     }
 
-    // KEDA watches the queue the workers consume.
+    // KEDA watches every partition queue the workers consume, summed, and
+    // never runs more replicas than there are partitions.
     let scaled = find(&docs, "ScaledObject", "qty-worker");
     assert_eq!(scaled["spec"]["scaleTargetRef"]["name"], "qty-worker");
     let trigger = &scaled["spec"]["triggers"][0];
     assert_eq!(trigger["type"], "rabbitmq");
-    assert_eq!(trigger["metadata"]["queueName"], config["QTY_QUEUE"]);
+    let partitions: u64 = config["QTY_PARTITIONS"]
+        .as_str()
+        .expect("QTY_PARTITIONS")
+        .parse()
+        .expect("a number");
+    let metadata = &trigger["metadata"];
+    assert_eq!(
+        (
+            &metadata["useRegex"],
+            &metadata["operation"],
+            &metadata["protocol"]
+        ),
+        (
+            &Value::from("true"),
+            &Value::from("sum"),
+            &Value::from("http")
+        )
+    );
+    let queue = config["QTY_QUEUE"].as_str().expect("QTY_QUEUE");
+    assert_eq!(
+        metadata["queueName"],
+        format!("^{}\\.[0-9]+$", queue.replace('.', "\\.")),
+        "the regex matches {queue}.0 … {queue}.{} and nothing else",
+        partitions - 1
+    );
+    let max = scaled["spec"]["maxReplicaCount"]
+        .as_u64()
+        .expect("maxReplicaCount");
+    assert!(
+        max <= partitions,
+        "{max} replicas for {partitions} partitions"
+    );
     let auth = trigger["authenticationRef"]["name"].as_str().expect("auth");
     let secret = &find(&docs, "TriggerAuthentication", auth)["spec"]["secretTargetRef"][0];
     find(&docs, "Secret", secret["name"].as_str().expect("secret"))["stringData"]

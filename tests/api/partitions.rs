@@ -1,8 +1,10 @@
 //! A partitioned worker (`QTY_PARTITIONS`) on a RabbitMQ node of the test's own
 //! with the consistent-hash exchange plugin enabled (never on the shared node):
 //! its topology, its partitions in `/readyz` and the metrics, the `item_id`
-//! header's rules; and without the plugin, a configuration problem it reports.
+//! header's rules, all with only the permissions docs/security.md gives a
+//! partitioned worker; and without the plugin, a configuration problem it reports.
 
+use crate::who_may_adjust::{add_user, url_of};
 use lapin::BasicProperties;
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -10,6 +12,7 @@ use qty_test_support::app::{
     Names, RunningWorker, TestApp, WAIT, eventually, http_get, request_body,
 };
 use qty_test_support::rabbitmq::Cluster;
+use qty_worker::broker::{Permissions, Topology};
 use uuid::Uuid;
 
 const PLUGIN: &str = "rabbitmq_consistent_hash_exchange";
@@ -42,11 +45,13 @@ async fn a_partitioned_worker_owns_every_partition_alone_and_judges_the_item_hea
     let cluster = tokio::task::spawn_blocking(|| Cluster::start_with_plugins(1, &[PLUGIN]))
         .await
         .expect("start a RabbitMQ node");
-    let names = Names::on_own_servers(
-        "postgres://postgres@127.0.0.1:5432".into(),
-        cluster.node(0).url(),
-    );
+    let node = cluster.node(0);
+    let names = Names::on_own_servers("postgres://postgres@127.0.0.1:5432".into(), node.url());
+    let topology = Topology::new(&names.exchange, &names.queue, 10).partitioned(Some(PARTITIONS));
+    add_user(node, "qty-worker", &Permissions::worker(&topology));
+    let worker_url = url_of(node, "qty-worker");
     let mut app = TestApp::spawn_on(names, |settings| {
+        settings.connections.broker.amqp_url = worker_url.clone();
         settings.worker.partitions = Some(PARTITIONS);
     })
     .await;

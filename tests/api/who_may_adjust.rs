@@ -13,7 +13,7 @@ use qty_worker::broker::{Permissions, Topology};
 use std::time::Duration;
 use uuid::Uuid;
 
-fn add_user(node: &Node, user: &str, permissions: &Permissions) {
+pub(crate) fn add_user(node: &Node, user: &str, permissions: &Permissions) {
     for args in [
         vec!["add_user", user, "secret"],
         [
@@ -27,7 +27,7 @@ fn add_user(node: &Node, user: &str, permissions: &Permissions) {
     }
 }
 
-fn url_of(node: &Node, user: &str) -> String {
+pub(crate) fn url_of(node: &Node, user: &str) -> String {
     format!("amqp://{user}:secret@127.0.0.1:{}/%2f", node.port)
 }
 

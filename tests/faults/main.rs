@@ -9,6 +9,7 @@
 //! they check, and the machine is small.
 
 mod availability;
+mod fleet;
 mod pgbouncer;
 
 use qty_test_support::faults::{Own, Scenario, Verdicts};

@@ -21,6 +21,8 @@ pub struct WorkerProcess {
     pub child: Child,
     pub http_port: u16,
     pub log: PathBuf,
+    /// Stopped by the test with SIGTERM (and checked then).
+    stopped: bool,
 }
 
 pub struct Scenario {
@@ -33,6 +35,11 @@ pub struct Scenario {
     pub amqp_proxy: Proxy,
     pub pool: PgPool,
     pub workers: Vec<WorkerProcess>,
+    /// More environment for the workers started from now on (`QTY_PARTITIONS`…).
+    pub worker_env: Vec<(String, String)>,
+    /// Partitioned: how many partitions, whose queues the final check drains and
+    /// whose order per item it checks (ledger order = publish order).
+    pub partitions: Option<u16>,
     pub items: Vec<(Uuid, i64)>,
     pub sent: Vec<Sent>,
     pub poison: Vec<String>,
@@ -93,6 +100,8 @@ impl Scenario {
             amqp_proxy,
             pool,
             workers: Vec::new(),
+            worker_env: Vec::new(),
+            partitions: None,
             items: created,
             sent: Vec::new(),
             poison: Vec::new(),
@@ -143,6 +152,7 @@ impl Scenario {
             .env("QTY_PREFETCH", "100")
             .env("QTY_LOG_FORMAT", "json")
             .env("RUST_LOG", "info,qty_worker::delivery=warn")
+            .envs(self.worker_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
@@ -161,6 +171,7 @@ impl Scenario {
             child,
             http_port,
             log,
+            stopped: false,
         });
         self.workers.len() - 1
     }
@@ -253,8 +264,36 @@ impl Scenario {
                 message_id: format!("{}-{seed}-{n}", self.label),
                 item: self.items[rng.usize(..self.items.len())].0,
                 delta: rng.i64(-4..=2),
+                keyed: true,
             })
             .collect()
+    }
+
+    /// Runs the scenario's workers partitioned, `partitions` partitions, and has
+    /// the final check verify per-item order.
+    pub fn partitioned(&mut self, partitions: u16) {
+        self.partitions = Some(partitions);
+        self.worker_env
+            .push(("QTY_PARTITIONS".into(), partitions.to_string()));
+    }
+
+    /// `rounds` requests per item, round-robin over the items, alternating +1
+    /// and -1: on items that start at 0, every request applies when judged in
+    /// publish order, and any request judged before the one published before it
+    /// is a spurious `insufficient_qty`.
+    pub fn plan_alternating(&self, rounds: usize, keyed: bool) -> Vec<Sent> {
+        let mut requests = Vec::with_capacity(rounds * self.items.len());
+        for round in 0..rounds {
+            for (n, (item, _)) in self.items.iter().enumerate() {
+                requests.push(Sent {
+                    message_id: format!("{}-i{n}-r{round}", self.label),
+                    item: *item,
+                    delta: if round % 2 == 0 { 1 } else { -1 },
+                    keyed,
+                });
+            }
+        }
+        requests
     }
 
     /// Publishes `requests` at about `per_second`, through every broker fault:
@@ -280,6 +319,7 @@ impl Scenario {
             message_id: format!("fault:panic:{message_id}"),
             item,
             delta: -1,
+            keyed: true,
         };
         self.poison.push(poison.message_id.clone());
         publish_through_faults(
@@ -314,6 +354,34 @@ impl Scenario {
         .await;
     }
 
+    /// Stops worker `index` with SIGTERM and waits for it to exit 0 (its drain,
+    /// partitions handed over, included).
+    pub async fn stop_worker(&mut self, index: usize) {
+        let worker = &mut self.workers[index];
+        let mut violations = Vec::new();
+        terminate(&mut worker.child, index, &worker.log, &mut violations).await;
+        assert!(violations.is_empty(), "{violations:?}");
+        worker.stopped = true;
+        self.killed += 1;
+    }
+
+    /// Worker `index`'s gauge `qty_worker_partitions_owned`, once it answers.
+    pub async fn partitions_owned(&self, index: usize) -> Option<u64> {
+        tokio::net::TcpStream::connect(self.http_addr(index))
+            .await
+            .ok()?;
+        self.metrics(index)
+            .await
+            .lines()
+            .find_map(|line| line.strip_prefix("qty_worker_partitions_owned "))
+            .and_then(|value| value.parse().ok())
+    }
+
+    /// Whether worker `index` still runs.
+    pub fn running(&mut self, index: usize) -> bool {
+        matches!(self.workers[index].child.try_wait(), Ok(None))
+    }
+
     /// SIGKILLs worker `index`.
     pub fn kill_worker(&mut self, index: usize) {
         self.workers[index]
@@ -343,7 +411,7 @@ impl Scenario {
         let mut running = 0;
         for (index, worker) in self.workers.iter_mut().enumerate() {
             if let Some(status) = worker.child.try_wait().expect("poll worker") {
-                if status.code().is_some() {
+                if status.code().is_some() && !worker.stopped {
                     verdicts.violations.push(format!(
                         "worker {index} exited on its own ({status}); see {:?}",
                         worker.log

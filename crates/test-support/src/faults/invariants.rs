@@ -1,6 +1,8 @@
 //! The invariants every fault run must keep, checked once the workers stopped:
 //! nothing lost, nothing applied twice, every request answered with identical
-//! replies, the queue drained, and only the poison dead-lettered.
+//! replies, the queue drained, and only the poison dead-lettered. Partitioned,
+//! also per-item order: each item's requests are in the ledger (by
+//! `recorded_at`) in the order they were published.
 
 use super::{Scenario, Sent};
 use crate::app::connect_any;
@@ -16,6 +18,11 @@ pub struct Verdicts {
     pub lost: usize,
     pub applied_twice: usize,
     pub unanswered: usize,
+    /// Requests recorded as rejected (on a plan where all apply in order, each
+    /// is one judged out of order).
+    pub rejected: usize,
+    /// Items whose ledger order is not their publish order (partitioned runs).
+    pub items_out_of_order: usize,
     pub violations: Vec<String>,
 }
 
@@ -23,7 +30,11 @@ impl Scenario {
     /// Fills `verdicts` from the queues, the ledger and the items.
     pub(crate) async fn check(&self, verdicts: &mut Verdicts) {
         let replies = drain_queue(&self.names.amqp_url, &self.reply_queue()).await;
-        let leftover = drain_queue(&self.names.amqp_url, &self.names.queue).await;
+        let mut leftover = drain_queue(&self.names.amqp_url, &self.names.queue).await;
+        for index in 0..self.partitions.unwrap_or(0) {
+            let queue = format!("{}.{index}", self.names.queue);
+            leftover.extend(drain_queue(&self.names.amqp_url, &queue).await);
+        }
         let dead = drain_queue(
             &self.names.amqp_url,
             &qty_worker::broker::Topology::dead_letter_queue_of(&self.names.queue),
@@ -38,11 +49,13 @@ impl Scenario {
             let id = value["message_id"].as_str().unwrap_or_default().to_owned();
             by_id.entry(id).or_default().push(body.clone());
         }
-        let ledger: Vec<(String, Uuid, i64, String)> =
-            sqlx::query_as("select message_id, item_id, delta, outcome from adjustments")
-                .fetch_all(&self.pool)
-                .await
-                .expect("read the ledger");
+        let ledger: Vec<(String, Uuid, i64, String)> = sqlx::query_as(
+            "select message_id, item_id, delta, outcome from adjustments order by recorded_at",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .expect("read the ledger");
+        verdicts.rejected = ledger.iter().filter(|r| r.3 == "rejected").count();
         let recorded: HashMap<&str, &(String, Uuid, i64, String)> =
             ledger.iter().map(|r| (r.0.as_str(), r)).collect();
 
@@ -106,6 +119,9 @@ impl Scenario {
                 v.push(format!("item {item}: negative qty {qty}"));
             }
         }
+        if self.partitions.is_some() {
+            verdicts.items_out_of_order = self.check_order(&ledger, v);
+        }
         if !leftover.is_empty() {
             v.push(format!("{} requests left in the queue", leftover.len()));
         }
@@ -122,6 +138,42 @@ impl Scenario {
         if verdicts.unanswered > 0 {
             v.push(format!("{} requests never answered", verdicts.unanswered));
         }
+    }
+}
+
+impl Scenario {
+    /// Compares each item's ledger order with its publish order; returns how
+    /// many items differ, naming the first place each differs.
+    fn check_order(&self, ledger: &[(String, Uuid, i64, String)], v: &mut Vec<String>) -> usize {
+        let mut published: HashMap<Uuid, Vec<&str>> = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        for sent in &self.sent {
+            if seen.insert(sent.message_id.as_str()) {
+                published
+                    .entry(sent.item)
+                    .or_default()
+                    .push(&sent.message_id);
+            }
+        }
+        let mut recorded: HashMap<Uuid, Vec<&str>> = HashMap::new();
+        for row in ledger {
+            recorded.entry(row.1).or_default().push(&row.0);
+        }
+        let mut out_of_order = 0;
+        for (item, order) in &published {
+            let got = recorded.get(item).cloned().unwrap_or_default();
+            if let Some(at) = order.iter().zip(&got).position(|(a, b)| a != b) {
+                out_of_order += 1;
+                v.push(format!(
+                    "item {item}: the ledger has {} where {} was published ({} of {})",
+                    got[at],
+                    order[at],
+                    at + 1,
+                    order.len()
+                ));
+            }
+        }
+        out_of_order
     }
 }
 

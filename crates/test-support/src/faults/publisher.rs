@@ -15,6 +15,8 @@ pub struct Sent {
     pub message_id: String,
     pub item: Uuid,
     pub delta: i64,
+    /// Whether it carries the `item_id` header (partitioned workers route by it).
+    pub keyed: bool,
 }
 
 /// Publishes each request until confirmed, reconnecting as often as it takes.
@@ -45,11 +47,19 @@ pub async fn publish_through_faults(
                 }
             }
             let (_, channel) = link.as_ref().expect("connected");
-            let properties = BasicProperties::default()
+            let mut properties = BasicProperties::default()
                 .with_message_id(request.message_id.as_str().into())
                 .with_reply_to(reply_queue.into())
                 .with_content_type("application/json".into())
                 .with_delivery_mode(2);
+            if request.keyed {
+                let mut headers = lapin::types::FieldTable::default();
+                headers.insert(
+                    "item_id".into(),
+                    lapin::types::AMQPValue::LongString(request.item.to_string().into()),
+                );
+                properties = properties.with_headers(headers);
+            }
             let confirmed = match channel
                 .basic_publish(
                     exchange.into(),

@@ -17,6 +17,8 @@ pub struct Own {
     pub standby: bool,
     /// RabbitMQ nodes of its own (clustered when more than one); 0 uses the shared one.
     pub rabbitmq_nodes: usize,
+    /// With the consistent-hash exchange plugin, which partitioned workers need.
+    pub hash_exchange: bool,
 }
 
 impl Own {
@@ -38,6 +40,15 @@ impl Own {
     pub fn rabbitmq(nodes: usize) -> Own {
         Own {
             rabbitmq_nodes: nodes,
+            ..Own::default()
+        }
+    }
+
+    /// RabbitMQ nodes of its own with the consistent-hash exchange plugin.
+    pub fn partitioned(nodes: usize) -> Own {
+        Own {
+            rabbitmq_nodes: nodes,
+            hash_exchange: true,
             ..Own::default()
         }
     }
@@ -67,7 +78,13 @@ impl Servers {
             (Some(primary), true) => Some(Postgres::start_standby_of(primary)),
             _ => None,
         };
-        let rabbitmq = (own.rabbitmq_nodes > 0).then(|| Cluster::start(own.rabbitmq_nodes));
+        let plugins: &[&str] = if own.hash_exchange {
+            &["rabbitmq_consistent_hash_exchange"]
+        } else {
+            &[]
+        };
+        let rabbitmq = (own.rabbitmq_nodes > 0)
+            .then(|| Cluster::start_with_plugins(own.rabbitmq_nodes, plugins));
         Some(Servers {
             primary,
             standby,
