@@ -49,7 +49,7 @@ figures() {
   python3 -c '
 import json, sys
 r = json.load(sys.stdin)
-print(r["throughput_per_sec"], r["invariants_hold"], r["cpu_secs"]["workers"] * 1e6 / r["messages"])'
+print(round(r["throughput_per_sec"]), r["invariants_hold"], round(r["cpu_secs"]["workers"] * 1e6 / r["messages"], 1), r["worker_peak_rss_mib"])'
 }
 
 echo "== 1. one worker: unpartitioned against $partitions partitions, $rounds rounds of $messages"
@@ -63,14 +63,14 @@ for round in $(seq 1 "$rounds"); do
     fi
     line=$(echo "$report" | figures)
     echo "$side $line" >> "$results"
-    echo "round $round $side: $line (msg/s, invariants hold, worker CPU µs per request)"
+    echo "round $round $side: $line (msg/s, invariants hold, worker CPU µs per request, peak RSS MiB)"
   done
 done
 python3 - "$results" <<'PY'
 import statistics, sys
 rate, cpu = {}, {}
 for line in open(sys.argv[1]):
-    side, r, ok, us = line.split()
+    side, r, ok, us, rss = line.split()
     assert ok == "True", "invariants broken"
     rate.setdefault(side, []).append(float(r))
     cpu.setdefault(side, []).append(float(us))
@@ -83,7 +83,7 @@ PY
 echo "== 2. $fleet workers on $partitions partitions, $messages requests"
 logs=$(mktemp -d)
 report=$(QTY_BIN=$bin bench/drain.sh "$fleet" "--partitions $partitions" --messages "$messages" --items 100 --partitions "$partitions")
-echo "drain: $(echo "$report" | figures) (msg/s, invariants hold, worker CPU µs per request)"
+echo "drain: $(echo "$report" | figures) (msg/s, invariants hold, worker CPU µs per request, peak RSS MiB of the largest worker)"
 
 echo "== 3. a SIGKILLed worker's partitions, in a fleet of $fleet"
 suffix=$(date +%s%N)
