@@ -11,7 +11,8 @@ use crate::admit::Publishers;
 use crate::apply::Applier;
 use crate::apply::set_aside::SetAside;
 use crate::backoff::Backoff;
-use crate::broker::{Addresses, DeclareError, Topology, blocked};
+use crate::broker::open::{self, OpenError, next_of};
+use crate::broker::{Addresses, Topology, blocked};
 use crate::delivery::{self, Context, Link};
 use crate::direct_replies::DirectReplies;
 use crate::health::{BrokerState, DatabaseState, Health};
@@ -172,26 +173,7 @@ impl Worker {
                 Ok(session) => session,
                 Err(error) => {
                     self.ctx.metrics.dependency_error("broker");
-                    match &error {
-                        OpenError::Declare(DeclareError::Conflict(what)) => {
-                            self.ctx
-                                .health
-                                .set_broker(BrokerState::ConfigurationConflict(what.clone()));
-                            tracing::warn!(
-                                conflict = %what,
-                                retry_in_ms = backoff.peek().as_millis() as u64,
-                                "broker: configuration conflict: the worker's declare differs from what exists; settle it (delete the queue, or align the settings)"
-                            );
-                        }
-                        other => {
-                            self.ctx.health.set_broker(BrokerState::Down);
-                            tracing::warn!(
-                                error = %other,
-                                retry_in_ms = backoff.peek().as_millis() as u64,
-                                "broker unavailable"
-                            );
-                        }
-                    }
+                    open::report(&error, &self.ctx.health, backoff.peek());
                     tokio::select! {
                         () = &mut shutdown => break,
                         () = tokio::time::sleep(backoff.fail()) => {}
@@ -337,25 +319,6 @@ impl Worker {
             }
         }
     }
-}
-
-/// The next delivery of the oldest consumer being drained.
-async fn next_of(draining: &mut VecDeque<Consumer>) -> Option<lapin::Result<Delivery>> {
-    match draining.front_mut() {
-        Some(consumer) => consumer.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Why a session could not be opened.
-#[derive(Debug, thiserror::Error)]
-enum OpenError {
-    #[error(transparent)]
-    Unreachable(#[from] crate::broker::Unreachable),
-    #[error(transparent)]
-    Declare(#[from] DeclareError),
-    #[error("{0}: {1}")]
-    Broker(&'static str, lapin::Error),
 }
 
 /// One broker connection with its consuming and reply channels.

@@ -3,6 +3,7 @@
 
 mod addresses;
 pub mod blocked;
+pub mod open;
 pub mod permissions;
 mod publish;
 mod topology;

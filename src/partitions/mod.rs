@@ -13,19 +13,17 @@
 
 mod legacy;
 mod partition;
+mod session;
 
 use crate::backoff::Backoff;
-use crate::broker::{Cut, DeclareError, blocked};
-use crate::delivery::Context;
-use crate::direct_replies::DirectReplies;
+use crate::broker::open;
 use crate::health::BrokerState;
 use crate::ownership::{self, LEASE_TTL, Leases, MEMBER_TTL, TICK, plan};
 use crate::store::fleet::Fleet;
 use crate::worker::Worker;
-use lapin::options::ConfirmSelectOptions;
-use lapin::{Channel, Connection};
 use legacy::LEGACY;
-use partition::{Control, Ended, Partition, Shared};
+use partition::{Control, Ended, Partition};
+use session::Session;
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
@@ -77,7 +75,7 @@ pub async fn run(
             Ok(session) => session,
             Err(error) => {
                 worker.ctx.metrics.dependency_error("broker");
-                report_open_error(worker, &error, backoff.peek());
+                open::report(&error, &worker.ctx.health, backoff.peek());
                 tokio::select! {
                     () = &mut *shutdown => break,
                     () = tokio::time::sleep(backoff.fail()) => {}
@@ -130,37 +128,6 @@ pub async fn run(
     renewer.abort();
     if let Err(error) = fleet.leave().await {
         tracing::warn!(%error, "cannot leave the fleet; the others notice when its membership expires");
-    }
-}
-
-fn report_open_error(worker: &Worker, error: &OpenError, retry: Duration) {
-    let retry_in_ms = retry.as_millis() as u64;
-    match error {
-        OpenError::Declare(DeclareError::Conflict(what)) => {
-            worker
-                .ctx
-                .health
-                .set_broker(BrokerState::ConfigurationConflict(what.clone()));
-            tracing::warn!(conflict = %what, retry_in_ms, "broker: configuration conflict: the worker's declare differs from what exists; settle it (delete the queue, or align the settings)");
-        }
-        OpenError::Declare(DeclareError::PluginMissing) => {
-            worker
-                .ctx
-                .health
-                .set_broker(BrokerState::ConfigurationConflict(format!(
-                    "plugin {} is not enabled",
-                    crate::broker::HASH_PLUGIN
-                )));
-            tracing::error!(
-                retry_in_ms,
-                "broker: QTY_PARTITIONS needs RabbitMQ's consistent-hash exchange: enable it with `rabbitmq-plugins enable {}` (it ships with RabbitMQ)",
-                crate::broker::HASH_PLUGIN
-            );
-        }
-        other => {
-            worker.ctx.health.set_broker(BrokerState::Down);
-            tracing::warn!(error = %other, retry_in_ms, "broker unavailable");
-        }
     }
 }
 
@@ -439,112 +406,6 @@ impl Serving<'_> {
             }
         }
         SessionEnd::Stopped
-    }
-}
-
-/// Why a session could not be opened.
-#[derive(Debug, thiserror::Error)]
-enum OpenError {
-    #[error(transparent)]
-    Unreachable(#[from] crate::broker::Unreachable),
-    #[error(transparent)]
-    Declare(#[from] DeclareError),
-    #[error("{0}: {1}")]
-    Broker(&'static str, lapin::Error),
-}
-
-/// One broker connection, with what every partition's channel shares.
-struct Session {
-    connection: Arc<Connection>,
-    address: usize,
-    cut: Cut,
-    shared: Arc<Shared>,
-    lost: CancellationToken,
-    keeper: tokio::task::JoinHandle<()>,
-    _blocked: blocked::Watch,
-}
-
-impl Session {
-    async fn open(worker: &Worker) -> Result<Session, OpenError> {
-        let settings = &worker.settings.worker;
-        let (connection, address, cut) = worker.addresses.connect_with_cut("qty-worker").await?;
-        let connection = Arc::new(connection);
-        let broker = |what| move |error| OpenError::Broker(what, error);
-        let declaring = connection
-            .create_channel()
-            .await
-            .map_err(broker("cannot open a channel"))?;
-        worker.topology.declare(&declaring).await?;
-        declaring.close(200, "declared".into()).await.ok();
-        let replies = connection
-            .create_channel()
-            .await
-            .map_err(broker("cannot open a channel"))?;
-        replies
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(broker("cannot turn on publisher confirms"))?;
-        let ctx: &Arc<Context> = &worker.ctx;
-        let blocked = blocked::watch(
-            &connection,
-            "consuming",
-            ctx.health.clone(),
-            ctx.metrics.clone(),
-        );
-        let lost = CancellationToken::new();
-        let keeper = {
-            let (topology, connection) = (worker.topology.clone(), connection.clone());
-            let (health, stop) = (ctx.health.clone(), lost.clone());
-            tokio::spawn(async move { topology.keep(&connection, &health, &stop).await })
-        };
-        let shared = Arc::new(Shared {
-            ctx: ctx.clone(),
-            replies,
-            direct: Arc::new(DirectReplies::new(
-                worker.addresses.clone(),
-                ctx.health.clone(),
-                ctx.metrics.clone(),
-            )),
-            lost: lost.clone(),
-            // Each partition its own full window: split over the partitions, a
-            // lone worker owning all of them drained 15% slower (bench/fleet.sh).
-            prefetch: settings.prefetch,
-            set_aside_max: settings.set_aside_max,
-            drain: Duration::from_secs(settings.drain_secs),
-        });
-        tracing::info!(
-            node = worker.addresses.shown(address),
-            "connected; claiming partitions"
-        );
-        Ok(Session {
-            connection,
-            address,
-            cut,
-            shared,
-            lost,
-            keeper,
-            _blocked: blocked,
-        })
-    }
-
-    /// Closes what is left: the reply channels and the connection.
-    async fn close(&self) {
-        self.keeper.abort();
-        self.lost.cancel();
-        let limit = Duration::from_secs(2);
-        tokio::time::timeout(limit, self.shared.direct.close())
-            .await
-            .ok();
-        let replies: &Channel = &self.shared.replies;
-        tokio::time::timeout(limit, async {
-            replies.close(200, "worker stopping".into()).await.ok();
-            self.connection
-                .close(200, "worker stopping".into())
-                .await
-                .ok();
-        })
-        .await
-        .ok();
     }
 }
 

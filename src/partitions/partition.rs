@@ -13,6 +13,7 @@
 //! deliveries consumer by consumer, in an order that is not the queue's.
 
 use crate::ack::{self, Acks};
+use crate::broker::open::next_of;
 use crate::delivery::{self, Context, Link};
 use crate::direct_replies::DirectReplies;
 use crate::window::{Widen, Window};
@@ -227,14 +228,4 @@ async fn consume(channel: &Channel, queue: &str) -> lapin::Result<Consumer> {
             FieldTable::default(),
         )
         .await
-}
-
-/// The next delivery of the oldest consumer being drained.
-async fn next_of(
-    draining: &mut VecDeque<Consumer>,
-) -> Option<lapin::Result<lapin::message::Delivery>> {
-    match draining.front_mut() {
-        Some(consumer) => consumer.next().await,
-        None => std::future::pending().await,
-    }
 }

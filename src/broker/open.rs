@@ -1,0 +1,56 @@
+//! What the unpartitioned and the partitioned loop share about opening a broker
+//! session: why it failed, how that is reported, and reading the consumers a
+//! widened window left draining (see `window`).
+
+use super::{DeclareError, HASH_PLUGIN, Unreachable};
+use crate::health::{BrokerState, Health};
+use futures::StreamExt as _;
+use lapin::Consumer;
+use lapin::message::Delivery;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// Why a session could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Unreachable(#[from] Unreachable),
+    #[error(transparent)]
+    Declare(#[from] DeclareError),
+    #[error("{0}: {1}")]
+    Broker(&'static str, lapin::Error),
+}
+
+/// Says in `/readyz` and the log why the session could not be opened; it is
+/// tried again in `retry`. A configuration problem (a conflicting declare, the
+/// hash exchange's plugin missing) is named as such, not as an outage.
+pub fn report(error: &OpenError, health: &Health, retry: Duration) {
+    let retry_in_ms = retry.as_millis() as u64;
+    match error {
+        OpenError::Declare(DeclareError::Conflict(what)) => {
+            health.set_broker(BrokerState::ConfigurationConflict(what.clone()));
+            tracing::warn!(conflict = %what, retry_in_ms, "broker: configuration conflict: the worker's declare differs from what exists; settle it (delete the queue, or align the settings)");
+        }
+        OpenError::Declare(DeclareError::PluginMissing) => {
+            health.set_broker(BrokerState::ConfigurationConflict(format!(
+                "plugin {HASH_PLUGIN} is not enabled"
+            )));
+            tracing::error!(
+                retry_in_ms,
+                "broker: QTY_PARTITIONS needs RabbitMQ's consistent-hash exchange: enable it with `rabbitmq-plugins enable {HASH_PLUGIN}` (it ships with RabbitMQ)"
+            );
+        }
+        other => {
+            health.set_broker(BrokerState::Down);
+            tracing::warn!(error = %other, retry_in_ms, "broker unavailable");
+        }
+    }
+}
+
+/// The next delivery of the oldest consumer being drained.
+pub async fn next_of(draining: &mut VecDeque<Consumer>) -> Option<lapin::Result<Delivery>> {
+    match draining.front_mut() {
+        Some(consumer) => consumer.next().await,
+        None => std::future::pending().await,
+    }
+}
