@@ -183,3 +183,23 @@ async fn without_the_hash_exchange_plugin_a_partitioned_worker_says_so_and_keeps
     let (status, _) = http_get(worker.http_addr, "/healthz").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn an_unpartitioned_worker_that_sees_other_consumers_says_order_needs_partitions() {
+    let app = TestApp::spawn().await;
+    let other = RunningWorker::start(app.names.settings());
+    other.wait_until_ready().await;
+    eventually(
+        "/readyz to say that competing workers keep no order across each other",
+        WAIT,
+        || async {
+            match app.get("/readyz").await {
+                (200, body) if body.contains("order: 2 consumers on one unpartitioned queue") => {
+                    Ok(())
+                }
+                other => Err(other),
+            }
+        },
+    )
+    .await;
+}
