@@ -8,7 +8,9 @@
 #    and their ratios;
 # 2. M workers on P partitions: the drain rate;
 # 3. a SIGKILLed worker of such a fleet: how long until its partitions are
-#    taken by the others (from their "took partition" log lines).
+#    taken by the others (from their "took partition" log lines);
+# 4. the broker alone (examples/broker_ceiling.rs, no database) over the one
+#    queue against P partition queues: what one queue caps.
 #
 #   bench/fleet.sh [ROUNDS] [P] [M] [MESSAGES]
 #   bench/fleet.sh 3 8 3 50000
@@ -128,3 +130,12 @@ for pid in "${pids[@]:1}"; do kill -TERM "$pid" 2>/dev/null || true; done
 wait 2>/dev/null || true
 psql -q -h 127.0.0.1 -U postgres -c "drop database if exists $db with (force)" postgres
 rm -rf "$logs" "$results"
+
+echo "== 4. the broker alone: one queue against $partitions partition queues, $rounds rounds of $messages"
+cargo build --release --quiet --example broker_ceiling
+ceiling=target/release/examples/broker_ceiling
+for round in $(seq 1 "$rounds"); do
+  one=$(WORKER_CMD=$ceiling bench/drain.sh 1 "" --messages "$messages" --items 1000 | figures)
+  many=$(WORKER_CMD="env QTY_PARTITIONS=$partitions $ceiling" bench/drain.sh 1 "" --messages "$messages" --items 1000 --partitions "$partitions" | figures)
+  echo "round $round: one queue ${one%% *} msg/s, $partitions queues ${many%% *} msg/s"
+done

@@ -14,7 +14,10 @@
 //!
 //! Its replies say `applied` without applying anything, so the bench reports the
 //! invariants as broken: that is expected, and only the rate and CPU count.
-//! Settings come from the worker's variables: `AMQP_URL`, `QTY_QUEUE`, `QTY_PREFETCH`.
+//! Settings come from the worker's variables: `AMQP_URL`, `QTY_QUEUE`, `QTY_PREFETCH`,
+//! and `QTY_PARTITIONS`, with which it consumes every partition queue
+//! `<queue>.N`, each on a channel of its own with that prefetch (as the worker
+//! does), to show what one queue caps (`bench/fleet.sh`).
 
 use futures::StreamExt as _;
 use futures::stream::FuturesOrdered;
@@ -34,27 +37,48 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let queue = std::env::var("QTY_QUEUE").map_err(|_| "QTY_QUEUE is not set")?;
     let prefetch: u16 = std::env::var("QTY_PREFETCH").map_or(Ok(1000), |p| p.parse())?;
+    let queues: Vec<String> = match std::env::var("QTY_PARTITIONS") {
+        Ok(partitions) => (0..partitions.parse::<u16>()?)
+            .map(|n| format!("{queue}.{n}"))
+            .collect(),
+        Err(_) => vec![queue.clone()],
+    };
 
     let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
-    let deliveries = connection.create_channel().await?;
     let replies = connection.create_channel().await?;
     replies
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    deliveries
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
-    let mut consumer = deliveries
-        .basic_consume(
-            queue.as_str().into(),
-            "broker-ceiling".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut serving = Vec::new();
+    for queue in &queues {
+        let deliveries = connection.create_channel().await?;
+        deliveries
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = deliveries
+            .basic_consume(
+                queue.as_str().into(),
+                "broker-ceiling".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        serving.push(tokio::spawn(serve(deliveries, consumer, replies.clone())));
+    }
     // Scripts wait for this line before they publish at a fixed rate.
     eprintln!("consuming {queue}");
+    for task in serving {
+        task.await??;
+    }
+    Ok(())
+}
 
+/// Serves `consumer` (on `deliveries`), replying on `replies`, until it ends.
+async fn serve(
+    deliveries: lapin::Channel,
+    mut consumer: lapin::Consumer,
+    replies: lapin::Channel,
+) -> Result<(), lapin::Error> {
     // Confirms arrive in publish order, so the newest confirmed tag acks every
     // delivery before it.
     let mut confirming = FuturesOrdered::new();
