@@ -88,7 +88,16 @@ async fn migrate_creates_the_database_and_nothing_else() {
     .fetch_all(&pool)
     .await
     .expect("list tables");
-    assert_eq!(tables, ["_sqlx_migrations", "adjustments", "items"]);
+    assert_eq!(
+        tables,
+        [
+            "_sqlx_migrations",
+            "adjustments",
+            "fleet_members",
+            "items",
+            "partition_leases"
+        ]
+    );
     pool.close().await;
     // No topology was declared: a passive declare of the queue fails.
     let connection = lapin::Connection::connect(AMQP_URL, Default::default())
