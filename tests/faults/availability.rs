@@ -93,13 +93,7 @@ async fn a_cluster_losing_the_workers_node_keeps_replying_through_another() {
     let Some(mut s) = Scenario::on("cluster", 10, 1_000, Own::rabbitmq(3)).await else {
         return;
     };
-    s.worker_amqp_url = s
-        .names
-        .amqp_url
-        .split(',')
-        .map(|url| format!("{url}?heartbeat=2"))
-        .collect::<Vec<_>>()
-        .join(",");
+    s.reach_every_node();
     s.start_worker().await;
     let publisher = s.spawn_publisher(s.plan(3_000, 23), 100);
     s.wait_recorded(300, GENEROUS).await;

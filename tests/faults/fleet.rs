@@ -149,13 +149,7 @@ async fn a_fleet_losing_its_broker_node_keeps_order_through_another() {
     let Some(mut s) = fleet("fleetnode", 10, Own::partitioned(3)).await else {
         return;
     };
-    s.worker_amqp_url = s
-        .names
-        .amqp_url
-        .split(',')
-        .map(|url| format!("{url}?heartbeat=2"))
-        .collect::<Vec<_>>()
-        .join(",");
+    s.reach_every_node();
     for _ in 0..2 {
         s.start_worker().await;
     }

@@ -269,6 +269,19 @@ impl Scenario {
             .collect()
     }
 
+    /// Has the workers started from now on reach every node of the scenario's
+    /// cluster directly (not through the proxy), with a 2 s heartbeat, so that
+    /// losing a node moves them to another.
+    pub fn reach_every_node(&mut self) {
+        self.worker_amqp_url = self
+            .names
+            .amqp_url
+            .split(',')
+            .map(|url| format!("{url}?heartbeat=2"))
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+
     /// Runs the scenario's workers partitioned, `partitions` partitions, and has
     /// the final check verify per-item order.
     pub fn partitioned(&mut self, partitions: u16) {
