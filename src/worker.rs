@@ -24,9 +24,7 @@ use crate::store::{Database, PrepareError, SchemaError, Target};
 use crate::window::{Widen, Window};
 use futures::StreamExt as _;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use std::collections::VecDeque;
@@ -352,14 +350,7 @@ impl Session {
             .await
             .map_err(broker("cannot open a channel"))?;
         worker.topology.declare(&deliveries).await?;
-        let replies = connection
-            .create_channel()
-            .await
-            .map_err(broker("cannot open a channel"))?;
-        replies
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(broker("cannot turn on publisher confirms"))?;
+        let replies = open::reply_channel(&connection).await?;
         deliveries
             .basic_qos(settings.worker.prefetch, BasicQosOptions::default())
             .await

@@ -5,8 +5,9 @@
 use super::{DeclareError, HASH_PLUGIN, Unreachable};
 use crate::health::{BrokerState, Health};
 use futures::StreamExt as _;
-use lapin::Consumer;
 use lapin::message::Delivery;
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection, Consumer};
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -45,6 +46,19 @@ pub fn report(error: &OpenError, health: &Health, retry: Duration) {
             tracing::warn!(error = %other, retry_in_ms, "broker unavailable");
         }
     }
+}
+
+/// A channel in confirm mode for the replies of a session's deliveries.
+pub async fn reply_channel(connection: &Connection) -> Result<Channel, OpenError> {
+    let replies = connection
+        .create_channel()
+        .await
+        .map_err(|error| OpenError::Broker("cannot open a channel", error))?;
+    replies
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|error| OpenError::Broker("cannot turn on publisher confirms", error))?;
+    Ok(replies)
 }
 
 /// The next delivery of the oldest consumer being drained.

@@ -4,12 +4,11 @@
 //! a blocked connection).
 
 use super::partition::Shared;
-use crate::broker::open::OpenError;
+use crate::broker::open::{self, OpenError};
 use crate::broker::{Cut, blocked};
 use crate::delivery::Context;
 use crate::direct_replies::DirectReplies;
 use crate::worker::Worker;
-use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,14 +37,7 @@ impl Session {
             .map_err(broker("cannot open a channel"))?;
         worker.topology.declare(&declaring).await?;
         declaring.close(200, "declared".into()).await.ok();
-        let replies = connection
-            .create_channel()
-            .await
-            .map_err(broker("cannot open a channel"))?;
-        replies
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(broker("cannot turn on publisher confirms"))?;
+        let replies = open::reply_channel(&connection).await?;
         let ctx: &Arc<Context> = &worker.ctx;
         let blocked = blocked::watch(
             &connection,
