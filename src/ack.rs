@@ -1,9 +1,15 @@
 //! Stage 5 of the flow: settle deliveries on the channel that delivered them.
 //!
 //! A delivery is acked only after its reply is confirmed. One that failed for a
-//! reason other than its content is handed back (nack with requeue): on a quorum
-//! queue each hand-back counts toward `x-delivery-limit`, after which the broker
-//! dead-letters it, so a poison message cannot block the queue for ever.
+//! reason other than its content (a panic, an error that retrying will not
+//! cure) is given back with `basic.reject` and requeue: a quorum queue counts
+//! that toward `x-delivery-limit` on every supported RabbitMQ, after which it
+//! dead-letters the delivery, so a poison message cannot block the queue for
+//! ever. A delivery that was never processed (a drain, a hand-over) is given back
+//! with `basic.nack` and requeue instead: RabbitMQ 4.3 and later do not count a
+//! nack as a failed delivery (3.10 and 4.0 count every return, whatever it is).
+//! A nack would not do for the failures: on 4.3 a poison message would then come
+//! back for ever.
 //!
 //! Acks are coalesced. Once every delivery up to tag N has been replied to, one
 //! `basic.ack(N, multiple)` settles them all: on a quorum queue each ack is a
@@ -19,7 +25,7 @@
 //! that covers its tag.
 
 use lapin::Channel;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::mpsc;
@@ -60,7 +66,10 @@ enum Settle {
     /// `basic.ack` with `multiple`: everything the broker still holds up to the tag.
     UpTo(u64),
     One(u64),
-    Requeue(u64),
+    /// `basic.reject` with requeue: it failed, and counts toward the delivery limit.
+    Failed(u64),
+    /// `basic.nack` with requeue: never processed, given back (uncounted on 4.3+).
+    HandBack(u64),
 }
 
 impl Acks {
@@ -94,9 +103,10 @@ impl Acks {
         self.lock().replied(tag, &self.settle);
     }
 
-    /// Hands the delivery back to the queue.
-    pub fn requeue(&self, tag: u64) {
-        self.lock().requeue(tag, &self.settle);
+    /// Gives a delivery that failed back to the queue, as a failure (it counts
+    /// toward the delivery limit).
+    pub fn failed(&self, tag: u64) {
+        self.lock().failed(tag, &self.settle);
     }
 
     /// Hands back every delivery still being worked on, one nack each, in the
@@ -132,10 +142,10 @@ impl State {
         }
     }
 
-    fn requeue(&mut self, tag: u64, queue: &mpsc::UnboundedSender<Settle>) {
+    fn failed(&mut self, tag: u64, queue: &mpsc::UnboundedSender<Settle>) {
         if let Some(at) = self.working(tag) {
             self.unsettled[at].1 = Entry::Settled;
-            queue.send(Settle::Requeue(tag)).ok();
+            queue.send(Settle::Failed(tag)).ok();
             self.settle_front(queue);
         }
     }
@@ -145,7 +155,7 @@ impl State {
         for (tag, entry) in self.unsettled.iter_mut() {
             if *entry == Entry::Working {
                 *entry = Entry::Settled;
-                queue.send(Settle::Requeue(*tag)).ok();
+                queue.send(Settle::HandBack(*tag)).ok();
                 handed += 1;
             }
         }
@@ -239,7 +249,12 @@ async fn frame(channel: &Channel, settle: Settle) -> lapin::Result<()> {
                 .await
         }
         Settle::One(tag) => channel.basic_ack(tag, BasicAckOptions::default()).await,
-        Settle::Requeue(tag) => {
+        Settle::Failed(tag) => {
+            channel
+                .basic_reject(tag, BasicRejectOptions { requeue: true })
+                .await
+        }
+        Settle::HandBack(tag) => {
             let options = BasicNackOptions {
                 multiple: false,
                 requeue: true,
@@ -282,8 +297,8 @@ mod tests {
             self.state.replied(tag, &self.queue);
         }
 
-        fn requeue(&mut self, tag: u64) {
-            self.state.requeue(tag, &self.queue);
+        fn failed(&mut self, tag: u64) {
+            self.state.failed(tag, &self.queue);
         }
 
         fn sent(&mut self) -> Vec<Settle> {
@@ -302,9 +317,9 @@ mod tests {
         assert_eq!(
             h.sent(),
             [
-                Settle::Requeue(1),
-                Settle::Requeue(3),
-                Settle::Requeue(5),
+                Settle::HandBack(1),
+                Settle::HandBack(3),
+                Settle::HandBack(5),
                 Settle::UpTo(4)
             ]
         );
@@ -355,21 +370,21 @@ mod tests {
     }
 
     #[test]
-    fn a_requeue_goes_out_before_the_ack_that_passes_over_it() {
+    fn a_failure_goes_out_before_the_ack_that_passes_over_it() {
         let mut h = Harness::new(10, 1..=3);
         h.replied(2);
         h.replied(3);
-        h.requeue(1);
-        assert_eq!(h.sent(), [Settle::Requeue(1), Settle::UpTo(3)]);
+        h.failed(1);
+        assert_eq!(h.sent(), [Settle::Failed(1), Settle::UpTo(3)]);
     }
 
     #[test]
-    fn a_requeue_in_the_middle_is_passed_over() {
+    fn a_failure_in_the_middle_is_passed_over() {
         let mut h = Harness::new(10, 1..=3);
-        h.requeue(2);
+        h.failed(2);
         h.replied(3);
         h.replied(1);
-        assert_eq!(h.sent(), [Settle::Requeue(2), Settle::UpTo(3)]);
+        assert_eq!(h.sent(), [Settle::Failed(2), Settle::UpTo(3)]);
     }
 
     #[test]
@@ -377,7 +392,7 @@ mod tests {
         let mut h = Harness::new(10, 1..=2);
         h.replied(2);
         h.replied(2);
-        h.requeue(2);
+        h.failed(2);
         h.replied(7);
         assert_eq!(h.sent(), []);
         h.replied(1);

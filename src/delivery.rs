@@ -208,7 +208,7 @@ async fn finish(
 }
 
 fn requeue(ctx: &Context, link: &Link, tag: u64) {
-    link.acks.requeue(tag);
+    link.acks.failed(tag);
     ctx.metrics.requeued.inc();
 }
 

@@ -17,6 +17,13 @@ pub struct OutcomeLabels {
     pub reason: &'static str,
 }
 
+/// The broker the worker is connected to (`qty_worker_broker_info`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BrokerLabels {
+    pub product: String,
+    pub version: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DependencyLabels {
     pub dependency: &'static str,
@@ -44,6 +51,7 @@ pub struct Metrics {
     pub without_item_header: Counter,
     pub partitions_owned: Gauge,
     pub set_aside_oldest_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    broker_info: Family<BrokerLabels, Gauge>,
 }
 
 /// The dependencies `dependency_errors` and `reconnects` are labelled with.
@@ -190,7 +198,15 @@ impl Metrics {
             "Partition queues this worker owns and consumes now (QTY_PARTITIONS; 0 unpartitioned)",
             partitions_owned.clone(),
         );
+        // No series until the first connect: the version is not known before.
+        let broker_info = Family::<BrokerLabels, Gauge>::default();
+        registry.register(
+            "broker_info",
+            "1 for the product and version of the broker the worker last connected to (none before the first connect)",
+            broker_info.clone(),
+        );
         Metrics {
+            broker_info,
             without_item_header,
             partitions_owned,
             broker_blocked,
@@ -212,6 +228,25 @@ impl Metrics {
             dependency_errors,
             requeued,
         }
+    }
+
+    /// Shows `product` and `version` as the connected broker, in place of any
+    /// other; says whether that changed what was shown.
+    pub fn set_broker_info(&self, product: &str, version: &str) -> bool {
+        let labels = BrokerLabels {
+            product: product.to_owned(),
+            version: version.to_owned(),
+        };
+        if self
+            .broker_info
+            .get(&labels)
+            .is_some_and(|shown| shown.get() == 1)
+        {
+            return false;
+        }
+        self.broker_info.clear();
+        self.broker_info.get_or_create(&labels).set(1);
+        true
     }
 
     /// Counts one answered request under the labels its verdict dictates.

@@ -343,13 +343,18 @@ impl Session {
     async fn open(worker: &Worker) -> Result<Session, OpenError> {
         let settings = &worker.settings;
         let (connection, address) = worker.addresses.connect("qty-worker").await?;
+        open::show_version(
+            worker.addresses.clone(),
+            address,
+            worker.ctx.metrics.clone(),
+        );
         let connection = Arc::new(connection);
         let broker = |what| move |error| OpenError::Broker(what, error);
         let deliveries = connection
             .create_channel()
             .await
             .map_err(broker("cannot open a channel"))?;
-        worker.topology.declare(&deliveries).await?;
+        worker.topology.declare(&connection).await?;
         let replies = open::reply_channel(&connection).await?;
         deliveries
             .basic_qos(settings.worker.prefetch, BasicQosOptions::default())

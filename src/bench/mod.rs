@@ -124,7 +124,7 @@ pub async fn run(connections: &Connections, args: BenchArgs) -> anyhow::Result<R
             crate::settings::DEFAULT_DELIVERY_LIMIT,
         )
         .partitioned(args.partitions);
-        topology.declare(&publisher).await.context(
+        topology.declare(&connection).await.context(
             "cannot declare the queue (a worker with another --delivery-limit declared it first?)",
         )?;
     }

@@ -2,6 +2,7 @@
 //! cluster. Every (re)connect tries them in turn, starting after the one that
 //! failed last, so losing a node moves the worker to a live one.
 
+use super::version::{BrokerVersion, ProbeError};
 use crate::redact::redact;
 use crate::settings::{BrokerArgs, SettingError};
 use lapin::tcp::{AsyncTcpStream, OwnedTLSConfig};
@@ -170,30 +171,53 @@ impl Addresses {
         let cut = Cut::default();
         let socket = cut.clone();
         let connect = async move |uri: AMQPUri, runtime: async_rs::TokioRuntime| {
-            let address = runtime.to_socket_addrs((uri.authority.host.clone(), uri.authority.port));
-            let stream = AsyncTcpStream::connect(&runtime, address)
-                .await
-                .map_err(lapin::Error::from)?;
-            if let AsyncTcpStream::Plain(plain) = &stream {
-                let copy = plain
-                    .get_ref()
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(lapin::Error::from)?;
-                socket.keep(std::net::TcpStream::from(copy));
-            }
-            match uri.scheme {
-                AMQPScheme::AMQP => Ok(stream),
-                AMQPScheme::AMQPS => stream
-                    .into_tls(&uri.authority.host, tls.as_ref())
-                    .await
-                    .map_err(lapin::Error::from),
-            }
+            open_stream(&uri, &runtime, &tls, Some(&socket)).await
         };
         let runtime = lapin::runtime::default_runtime()?;
         let connection =
             Connection::connector(node.uri.clone(), runtime, connect, properties).await?;
         Ok((connection, cut))
+    }
+
+    /// The product and version of the broker at address `index`, read on a
+    /// short connection of its own (see `version`).
+    pub async fn version(&self, index: usize) -> Result<BrokerVersion, ProbeError> {
+        let uri = &self.nodes[index].uri;
+        let runtime = lapin::runtime::default_runtime().map_err(std::io::Error::other)?;
+        let stream = open_stream(uri, &runtime, &self.tls(), None)
+            .await
+            .map_err(std::io::Error::other)?;
+        super::version::probe(stream, uri).await
+    }
+}
+
+/// A TCP (or, for `amqps://`, TLS) stream to the node of `uri`; with `cut`, a
+/// copy of its socket is kept there.
+async fn open_stream(
+    uri: &AMQPUri,
+    runtime: &async_rs::TokioRuntime,
+    tls: &OwnedTLSConfig,
+    cut: Option<&Cut>,
+) -> lapin::Result<AsyncTcpStream<<async_rs::TokioRuntime as async_rs::traits::Reactor>::TcpStream>>
+{
+    let address = runtime.to_socket_addrs((uri.authority.host.clone(), uri.authority.port));
+    let stream = AsyncTcpStream::connect(runtime, address)
+        .await
+        .map_err(lapin::Error::from)?;
+    if let (Some(cut), AsyncTcpStream::Plain(plain)) = (cut, &stream) {
+        let copy = plain
+            .get_ref()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(lapin::Error::from)?;
+        cut.keep(std::net::TcpStream::from(copy));
+    }
+    match uri.scheme {
+        AMQPScheme::AMQP => Ok(stream),
+        AMQPScheme::AMQPS => stream
+            .into_tls(&uri.authority.host, tls.as_ref())
+            .await
+            .map_err(lapin::Error::from),
     }
 }
 

@@ -7,6 +7,7 @@ pub mod open;
 pub mod permissions;
 mod publish;
 mod topology;
+pub mod version;
 
 pub use addresses::{Addresses, Cut, Unreachable};
 pub use permissions::Permissions;

@@ -1,14 +1,16 @@
 //! What the unpartitioned and the partitioned loop share about opening a broker
-//! session: why it failed, how that is reported, and reading the consumers a
-//! widened window left draining (see `window`).
+//! session: why it failed, how that is reported, the broker's version shown,
+//! and reading the consumers a widened window left draining (see `window`).
 
-use super::{DeclareError, HASH_PLUGIN, Unreachable};
+use super::{Addresses, DeclareError, HASH_PLUGIN, Unreachable, version};
 use crate::health::{BrokerState, Health};
+use crate::metrics::Metrics;
 use futures::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, Consumer};
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Why a session could not be opened.
@@ -46,6 +48,19 @@ pub fn report(error: &OpenError, health: &Health, retry: Duration) {
             tracing::warn!(error = %other, retry_in_ms, "broker unavailable");
         }
     }
+}
+
+/// Reads the version of the broker at address `index` beside the session, and
+/// shows it (`version::announce`); a probe that fails leaves the last one shown.
+pub fn show_version(addresses: Arc<Addresses>, index: usize, metrics: Arc<Metrics>) {
+    tokio::spawn(async move {
+        match addresses.version(index).await {
+            Ok(found) => version::announce(&found, addresses.shown(index), &metrics),
+            Err(error) => {
+                tracing::warn!(%error, node = addresses.shown(index), "cannot read the broker's version")
+            }
+        }
+    });
 }
 
 /// A channel in confirm mode for the replies of a session's deliveries.

@@ -8,7 +8,13 @@
 //! single active consumer and the same dead-lettering, fed by a consistent-hash
 //! exchange `<exchange>.by-item` that hashes the `item_id` header and is bound to
 //! the exchange with `qty.adjust`. The plugin that provides that exchange type
-//! missing is [`DeclareError::PluginMissing`].
+//! missing is [`DeclareError::PluginMissing`]. Partition queues are declared with
+//! `x-queue-leader-locator: balanced`, so that a cluster spreads their leaders
+//! over its nodes instead of placing them all on the node the declaring worker
+//! is connected to. A partition queue an older version declared without that
+//! argument is kept as it is: every supported RabbitMQ refuses a re-declare that
+//! adds an argument (PRECONDITION_FAILED), so the worker then declares it in its
+//! old form, which still checks every other argument.
 //!
 //! Declaring is idempotent. While the worker runs, [`Topology::keep`] checks every
 //! few seconds that everything still exists and declares again what someone
@@ -102,10 +108,22 @@ impl Topology {
     }
 
     /// Declares the exchange, the dead-letter exchange and queue, the request queue
-    /// and the bindings. Re-declaring what exists is a no-op; declaring it with
-    /// other arguments is a [`DeclareError::Conflict`], rather than running on a
-    /// queue without a dead-letter exchange.
-    pub async fn declare(&self, channel: &Channel) -> Result<(), DeclareError> {
+    /// and the bindings, on channels of its own. Re-declaring what exists is a
+    /// no-op; declaring it with other arguments is a [`DeclareError::Conflict`],
+    /// rather than running on a queue without a dead-letter exchange.
+    pub async fn declare(&self, connection: &Connection) -> Result<(), DeclareError> {
+        let mut channel = open_channel(connection).await?;
+        let declared = self.declare_on(connection, &mut channel).await;
+        channel.close(200, "declared".into()).await.ok();
+        declared
+    }
+
+    /// Declares on `channel`, which a refused declare replaces with a fresh one.
+    async fn declare_on(
+        &self,
+        connection: &Connection,
+        channel: &mut Channel,
+    ) -> Result<(), DeclareError> {
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
@@ -185,11 +203,26 @@ impl Topology {
         // One partition's requests, one active consumer: the broker's guard that
         // two workers never consume a partition at once.
         arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        let mut balanced = arguments.clone();
+        balanced.insert("x-queue-leader-locator".into(), long_string("balanced"));
         for queue in self.partition_queues() {
-            channel
-                .queue_declare(queue.as_str().into(), durable_queue, arguments.clone())
-                .await
-                .map_err(|e| failed(what("queue", &queue), e))?;
+            let declared = channel
+                .queue_declare(queue.as_str().into(), durable_queue, balanced.clone())
+                .await;
+            match declared {
+                Ok(_) => {}
+                Err(error) if is_locator_conflict(&error) => {
+                    // Declared by a version that did not set the locator. The
+                    // refusal closed the channel; the old form goes on another.
+                    *channel = open_channel(connection).await?;
+                    channel
+                        .queue_declare(queue.as_str().into(), durable_queue, arguments.clone())
+                        .await
+                        .map_err(|e| failed(what("queue", &queue), e))?;
+                    tracing::debug!(%queue, "partition queue kept as an older version declared it (no leader locator)");
+                }
+                Err(error) => return Err(failed(what("queue", &queue), error)),
+            }
         }
         self.bind(channel).await
     }
@@ -339,15 +372,7 @@ impl Topology {
             };
             tracing::warn!(%missing, "topology: {missing} was deleted; declaring it again");
             health.set_topology_missing(Some(missing));
-            let declared = match connection.create_channel().await {
-                Ok(channel) => {
-                    let declared = self.declare(&channel).await;
-                    channel.close(200, "declared".into()).await.ok();
-                    declared
-                }
-                Err(error) => Err(failed("a channel".into(), error)),
-            };
-            match declared {
+            match self.declare(connection).await {
                 Ok(()) => {
                     health.set_topology_missing(None);
                     tracing::info!("topology declared again");
@@ -355,6 +380,28 @@ impl Topology {
                 Err(error) => tracing::warn!(%error, "topology: cannot declare it again yet"),
             }
         }
+    }
+}
+
+async fn open_channel(connection: &Connection) -> Result<Channel, DeclareError> {
+    connection
+        .create_channel()
+        .await
+        .map_err(|e| failed("a channel".into(), e))
+}
+
+/// Whether a declare was refused only because the queue exists without
+/// `x-queue-leader-locator` (declared by an older version).
+fn is_locator_conflict(error: &lapin::Error) -> bool {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            amqp.get_id() == 406
+                && amqp
+                    .get_message()
+                    .as_str()
+                    .contains("x-queue-leader-locator")
+        }
+        _ => false,
     }
 }
 

@@ -29,14 +29,13 @@ impl Session {
     pub(super) async fn open(worker: &Worker) -> Result<Session, OpenError> {
         let settings = &worker.settings.worker;
         let (connection, address, cut) = worker.addresses.connect_with_cut("qty-worker").await?;
+        open::show_version(
+            worker.addresses.clone(),
+            address,
+            worker.ctx.metrics.clone(),
+        );
         let connection = Arc::new(connection);
-        let broker = |what| move |error| OpenError::Broker(what, error);
-        let declaring = connection
-            .create_channel()
-            .await
-            .map_err(broker("cannot open a channel"))?;
-        worker.topology.declare(&declaring).await?;
-        declaring.close(200, "declared".into()).await.ok();
+        worker.topology.declare(&connection).await?;
         let replies = open::reply_channel(&connection).await?;
         let ctx: &Arc<Context> = &worker.ctx;
         let blocked = blocked::watch(

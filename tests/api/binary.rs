@@ -1,12 +1,12 @@
 //! The real binary: its subcommands, HTTP endpoints, and a clean exit on SIGTERM.
 
-use qty_test_support::app::{AMQP_URL, Names, TestApp, WAIT};
+use qty_test_support::app::{Names, TestApp, WAIT, amqp_url};
 use std::process::{Command, Stdio};
 
 fn qty_worker(names: &Names) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_qty-worker"));
     command
-        .env("AMQP_URL", AMQP_URL)
+        .env("AMQP_URL", amqp_url())
         .env("DATABASE_URL", names.database_url())
         .env("QTY_EXCHANGE", &names.exchange)
         .env("QTY_QUEUE", &names.queue)
@@ -100,7 +100,7 @@ async fn migrate_creates_the_database_and_nothing_else() {
     );
     pool.close().await;
     // No topology was declared: a passive declare of the queue fails.
-    let connection = lapin::Connection::connect(AMQP_URL, Default::default())
+    let connection = lapin::Connection::connect(amqp_url(), Default::default())
         .await
         .expect("broker");
     let channel = connection.create_channel().await.expect("channel");

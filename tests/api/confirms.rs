@@ -6,7 +6,7 @@ use futures::future::join_all;
 use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
-use qty_test_support::app::{AMQP_URL, connect_any};
+use qty_test_support::app::{amqp_url, connect_any};
 use qty_worker::broker::{publish, short};
 
 const TASKS: usize = 8;
@@ -28,7 +28,9 @@ async fn own_queue(channel: &Channel, arguments: FieldTable) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_publish_gets_its_own_confirm_when_threads_publish_on_one_channel_at_once() {
-    let connection = connect_any(AMQP_URL).await.expect("test broker connection");
+    let connection = connect_any(amqp_url())
+        .await
+        .expect("test broker connection");
     let channel = connection.create_channel().await.expect("channel");
     channel
         .confirm_select(ConfirmSelectOptions::default())

@@ -62,7 +62,7 @@ async fn the_runtime_role_serves_the_contract_but_cannot_change_a_table_directly
     };
     let names = Names::on_own_servers(
         format!("postgres://postgres@127.0.0.1:{}", server.port),
-        qty_test_support::app::AMQP_URL.into(),
+        qty_test_support::app::amqp_url().into(),
     );
     migrate(&names.database_url(), ROLE);
     let runtime = runtime_url(&server, &names.database);
@@ -139,7 +139,7 @@ async fn check_waits_for_a_missing_migration_and_serves_once_it_is_applied() {
     };
     let names = Names::on_own_servers(
         format!("postgres://postgres@127.0.0.1:{}", server.port),
-        qty_test_support::app::AMQP_URL.into(),
+        qty_test_support::app::amqp_url().into(),
     );
     // The schema one migration behind the binary, as the previous release left it.
     server.query(&format!("create database {}", names.database));

@@ -2,7 +2,7 @@
 //! collector, in the caller's trace, with the span id the reply names.
 
 use lapin::types::{AMQPValue, FieldTable};
-use qty_test_support::app::{AMQP_URL, TestApp, WAIT};
+use qty_test_support::app::{TestApp, WAIT, amqp_url};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 
@@ -77,7 +77,7 @@ async fn the_delivery_span_is_exported_in_the_callers_trace() {
             "--otlp-endpoint",
             &collector,
         ])
-        .env("AMQP_URL", AMQP_URL)
+        .env("AMQP_URL", amqp_url())
         .env("DATABASE_URL", app.names.database_url())
         .env("QTY_EXCHANGE", &app.names.exchange)
         .env("QTY_QUEUE", &app.names.queue)

@@ -220,9 +220,9 @@ struct TlsBroker {
 
 impl TlsBroker {
     fn start() -> TlsBroker {
-        let dir =
-            std::env::temp_dir().join(format!("qtyw-amqps-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        // In a directory the node can read: inside its chroot for a release there.
+        let release = qty_test_support::rabbitmq::Release::from_env();
+        let (dir, seen) = release.scratch_dir("qtyw-amqps");
         make_ca(&dir, "trusted", true);
         // The broker runs as its own user and must read the key.
         run(Command::new("chmod").arg("-R").arg("a+rX").arg(&dir));
@@ -232,9 +232,9 @@ impl TlsBroker {
             &format!(
                 "listeners.ssl.default = 127.0.0.1:{port}\nssl_options.certfile = {}\n\
                  ssl_options.keyfile = {}\nssl_options.cacertfile = {}\n",
-                dir.join("server.crt").display(),
-                dir.join("server.key").display(),
-                dir.join("trusted-ca.pem").display()
+                seen.join("server.crt").display(),
+                seen.join("server.key").display(),
+                seen.join("trusted-ca.pem").display()
             ),
         );
         TlsBroker { dir, port, node }

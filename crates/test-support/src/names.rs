@@ -4,13 +4,33 @@
 
 use crate::amqp::connect_any;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use qty_servers::rabbitmq::{Cluster, Release};
 use qty_worker::settings::{
     BrokerArgs, Connections, DatabaseArgs, ExchangeArg, QueueArg, Settings, WorkerSettings,
 };
 use sqlx::{Connection as _, PgConnection};
 use uuid::Uuid;
 
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The machine's RabbitMQ, which the tests share when `QTY_TEST_RABBITMQ` names
+/// no other release.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The broker the tests of this process share: the machine's RabbitMQ on 5672,
+/// or, when `QTY_TEST_RABBITMQ` names another release (`4.0`, `current`), one
+/// node of that release started on a free port for this process. That node is
+/// never dropped: the watchdog removes it when the process ends.
+pub fn amqp_url() -> &'static str {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    URL.get_or_init(|| match Release::from_env() {
+        Release::Machine => DEFAULT_AMQP_URL.to_owned(),
+        release => {
+            let node = Cluster::start_full(&release, 1, "", &[]);
+            let url = node.urls();
+            std::mem::forget(node);
+            url
+        }
+    })
+}
 
 /// A fresh set of names for one test, and the servers they live on.
 #[derive(Clone, Debug)]
@@ -33,7 +53,7 @@ impl Names {
             exchange: format!("qtyw-test-{suffix}"),
             queue: format!("qtyw-test-{suffix}.adjust"),
             postgres: "postgres://postgres@127.0.0.1:5432".into(),
-            amqp_url: AMQP_URL.into(),
+            amqp_url: amqp_url().into(),
         }
     }
 

@@ -9,7 +9,7 @@
 //! servers' watchdogs remove them once it has gone.
 
 use qty_servers::postgres::Postgres;
-use qty_servers::rabbitmq::Cluster;
+use qty_servers::rabbitmq::{Cluster, Release};
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitCode};
@@ -31,7 +31,12 @@ async fn main() -> ExitCode {
     let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
     let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
     eprintln!("starting a throwaway PostgreSQL and RabbitMQ (10-20 s)…");
-    let servers = tokio::task::spawn_blocking(|| (Postgres::start(), Cluster::start(1)));
+    let servers = tokio::task::spawn_blocking(|| {
+        (
+            Postgres::start(),
+            Cluster::start_full(&Release::Machine, 1, "", &[]),
+        )
+    });
     let (postgres, rabbitmq) = tokio::select! {
         started = servers => started.expect("start the servers"),
         // The servers' watchdogs remove what was started once this process ends.

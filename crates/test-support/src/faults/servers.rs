@@ -121,6 +121,6 @@ impl Servers {
     pub fn amqp_urls(&self) -> String {
         self.rabbitmq
             .as_ref()
-            .map_or_else(|| crate::app::AMQP_URL.to_owned(), Cluster::urls)
+            .map_or_else(|| crate::app::amqp_url().to_owned(), Cluster::urls)
     }
 }
