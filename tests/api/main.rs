@@ -4,11 +4,13 @@
 mod batching;
 mod binary;
 mod blocked;
+mod brokers;
 mod confirms;
 mod deploy;
 mod dev;
 mod direct_reply_to;
 mod invalid;
+mod leaders;
 mod least_privilege;
 mod ledger;
 mod locks;

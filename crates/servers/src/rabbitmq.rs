@@ -91,6 +91,26 @@ impl Release {
         }
     }
 
+    /// The upstream version of the release's `rabbitmq-server` package
+    /// (`4.3.6` of `4.3.6-1`), as the broker reports it; None where no Debian
+    /// package says (a broker from Docker, say).
+    pub fn version(&self) -> Option<String> {
+        let status = match self {
+            Release::Machine => PathBuf::from("/var/lib/dpkg/status"),
+            Release::Chroot { root, .. } => root.join("var/lib/dpkg/status"),
+        };
+        let status = std::fs::read_to_string(&status).ok()?;
+        let package = status
+            .split("\n\n")
+            .find(|stanza| stanza.starts_with("Package: rabbitmq-server\n"))?;
+        let version = package
+            .lines()
+            .find_map(|line| line.strip_prefix("Version: "))?;
+        // Drop an epoch and the Debian revision.
+        let upstream = version.rsplit_once(':').map_or(version, |(_, rest)| rest);
+        upstream.split('-').next().map(str::to_owned)
+    }
+
     /// A fresh directory that a node of this release can read, as
     /// (the path here, the path the node sees).
     pub fn scratch_dir(&self, prefix: &str) -> (PathBuf, PathBuf) {

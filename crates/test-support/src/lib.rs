@@ -22,7 +22,7 @@ pub mod proxy;
 mod reply;
 
 pub use qty_servers::{
-    free_port, on_exit, pgbouncer, postgres, rabbitmq, servers_available, suffix,
+    free_port, on_exit, pgbouncer, postgres, rabbitmq, run, servers_available, suffix,
 };
 
 pub use eventually::eventually;
