@@ -195,10 +195,12 @@ impl Topology {
                 by_item,
             )
             .await
-            .map_err(|e| match amqp_code(&e) {
-                // COMMAND_INVALID "invalid exchange type": the plugin is not enabled.
-                Some(503) => DeclareError::PluginMissing,
-                _ => failed(what("exchange", &self.by_item_exchange), e),
+            .map_err(|e| {
+                if is_unknown_exchange_type(&e) {
+                    DeclareError::PluginMissing
+                } else {
+                    failed(what("exchange", &self.by_item_exchange), e)
+                }
             })?;
         // One partition's requests, one active consumer: the broker's guard that
         // two workers never consume a partition at once.
@@ -388,6 +390,21 @@ async fn open_channel(connection: &Connection) -> Result<Channel, DeclareError> 
         .create_channel()
         .await
         .map_err(|e| failed("a channel".into(), e))
+}
+
+/// Whether an exchange declare was refused for its type: the plugin that
+/// provides `x-consistent-hash` is not enabled. RabbitMQ 3.10 says so with
+/// COMMAND_INVALID (503), 4.0 and later with PRECONDITION_FAILED (406), both
+/// "unknown exchange type".
+fn is_unknown_exchange_type(error: &lapin::Error) -> bool {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            let message = amqp.get_message().as_str();
+            amqp.get_id() == 503
+                || (amqp.get_id() == 406 && message.contains("exchange type"))
+        }
+        _ => false,
+    }
 }
 
 /// Whether a declare was refused only because the queue exists without

@@ -227,3 +227,35 @@ async fn every_metric_the_alerts_and_dashboard_name_is_one_the_worker_exposes() 
     }
     assert!(checked > 10, "only {checked} names checked");
 }
+
+#[test]
+fn the_compose_file_runs_a_current_4x_broker_with_the_hash_exchange_plugin() {
+    let compose: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(Path::new(ROOT).join("docker-compose.yml")).expect("compose"),
+    )
+    .expect("compose is YAML");
+    let rabbitmq = &compose["services"]["rabbitmq"];
+    let image = rabbitmq["image"].as_str().expect("an image");
+    let tag = image
+        .strip_prefix("rabbitmq:")
+        .and_then(|tag| tag.strip_suffix("-management"))
+        .unwrap_or_else(|| panic!("{image} is not RabbitMQ's management image"));
+    assert!(
+        tag.starts_with("4."),
+        "{image}: the compose file runs a 4.x release"
+    );
+    let mounts: Vec<&str> = rabbitmq["volumes"]
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .filter_map(|mount| mount.as_str())
+        .collect();
+    assert!(
+        mounts.contains(&"./deploy/rabbitmq/enabled_plugins:/etc/rabbitmq/enabled_plugins:ro"),
+        "{mounts:?}"
+    );
+    let plugins =
+        std::fs::read_to_string(Path::new(ROOT).join("deploy/rabbitmq/enabled_plugins"))
+            .expect("enabled_plugins");
+    assert!(plugins.contains("rabbitmq_consistent_hash_exchange"), "{plugins}");
+}

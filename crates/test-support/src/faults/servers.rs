@@ -109,10 +109,15 @@ impl Servers {
         format!("postgres://postgres@{}", self.postgres_addr())
     }
 
-    /// Where the first RabbitMQ node listens.
+    /// Where the first RabbitMQ node listens: the scenario's own, or the
+    /// shared broker (on 5672, or a node of the release under test).
     pub fn rabbitmq_addr(&self) -> SocketAddr {
         self.rabbitmq.as_ref().map_or_else(
-            || "127.0.0.1:5672".parse().expect("address"),
+            || {
+                let url: lapin::uri::AMQPUri =
+                    crate::app::amqp_url().parse().expect("the shared broker's URL");
+                SocketAddr::from(([127, 0, 0, 1], url.authority.port))
+            },
             |cluster| cluster.node(0).addr(),
         )
     }
