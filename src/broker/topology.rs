@@ -400,8 +400,7 @@ fn is_unknown_exchange_type(error: &lapin::Error) -> bool {
     match error.kind() {
         lapin::ErrorKind::ProtocolError(amqp) => {
             let message = amqp.get_message().as_str();
-            amqp.get_id() == 503
-                || (amqp.get_id() == 406 && message.contains("exchange type"))
+            amqp.get_id() == 503 || (amqp.get_id() == 406 && message.contains("exchange type"))
         }
         _ => false,
     }

@@ -254,8 +254,10 @@ fn the_compose_file_runs_a_current_4x_broker_with_the_hash_exchange_plugin() {
         mounts.contains(&"./deploy/rabbitmq/enabled_plugins:/etc/rabbitmq/enabled_plugins:ro"),
         "{mounts:?}"
     );
-    let plugins =
-        std::fs::read_to_string(Path::new(ROOT).join("deploy/rabbitmq/enabled_plugins"))
-            .expect("enabled_plugins");
-    assert!(plugins.contains("rabbitmq_consistent_hash_exchange"), "{plugins}");
+    let plugins = std::fs::read_to_string(Path::new(ROOT).join("deploy/rabbitmq/enabled_plugins"))
+        .expect("enabled_plugins");
+    assert!(
+        plugins.contains("rabbitmq_consistent_hash_exchange"),
+        "{plugins}"
+    );
 }

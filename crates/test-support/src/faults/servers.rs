@@ -114,8 +114,9 @@ impl Servers {
     pub fn rabbitmq_addr(&self) -> SocketAddr {
         self.rabbitmq.as_ref().map_or_else(
             || {
-                let url: lapin::uri::AMQPUri =
-                    crate::app::amqp_url().parse().expect("the shared broker's URL");
+                let url: lapin::uri::AMQPUri = crate::app::amqp_url()
+                    .parse()
+                    .expect("the shared broker's URL");
                 SocketAddr::from(([127, 0, 0, 1], url.authority.port))
             },
             |cluster| cluster.node(0).addr(),
