@@ -164,16 +164,7 @@ impl ProbeQueue {
         let channel = self.connection.create_channel().await.expect("channel");
         let (tag, first) = self.get(&channel).await.expect("a first message");
         assert_eq!(first, "0");
-        channel
-            .basic_nack(
-                tag,
-                BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("nack");
+        give_back(&channel, tag, GiveBack::Nack).await;
         let (tag, next) = self.get(&channel).await.expect("a next message");
         channel
             .basic_ack(tag, BasicAckOptions::default())
@@ -195,23 +186,7 @@ impl ProbeQueue {
                 break;
             };
             delivered += 1;
-            match how {
-                GiveBack::Nack => channel
-                    .basic_nack(
-                        tag,
-                        BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        },
-                    )
-                    .await
-                    .expect("nack"),
-                GiveBack::Reject => channel
-                    .basic_reject(tag, BasicRejectOptions { requeue: true })
-                    .await
-                    .expect("reject"),
-                GiveBack::Close => {}
-            }
+            give_back(&channel, tag, how).await;
             channel.close(200, "given back".into()).await.ok();
             // The queue applies the return through its log: wait for it.
             self.wait_until_back_or_dead().await;
@@ -272,6 +247,25 @@ impl Drop for ProbeQueue {
             });
         });
         cleanup.join().ok();
+    }
+}
+
+/// Gives the delivery `tag` back `how`, with requeue (`Close`: leaves it in
+/// hand for the channel's close).
+async fn give_back(channel: &Channel, tag: u64, how: GiveBack) {
+    match how {
+        GiveBack::Nack => {
+            let options = BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            };
+            channel.basic_nack(tag, options).await.expect("nack");
+        }
+        GiveBack::Reject => {
+            let options = BasicRejectOptions { requeue: true };
+            channel.basic_reject(tag, options).await.expect("reject");
+        }
+        GiveBack::Close => {}
     }
 }
 

@@ -266,4 +266,16 @@ async fn the_worker_consumes_over_amqps_trusting_a_private_ca() {
     let item = app.create_item(2).await;
     app.adjust("tls-1", item, -1).await;
     assert_eq!(app.next_reply().await.body["qty"].as_i64(), Some(1));
+    // The broker's version is read over TLS too.
+    qty_test_support::app::eventually("qty_worker_broker_info over amqps", WAIT, || async {
+        let (_, metrics) = app.get("/metrics").await;
+        match metrics
+            .lines()
+            .find(|line| line.starts_with("qty_worker_broker_info{product=\"RabbitMQ\""))
+        {
+            Some(_) => Ok(()),
+            None => Err("no qty_worker_broker_info series".to_owned()),
+        }
+    })
+    .await;
 }
