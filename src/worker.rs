@@ -343,11 +343,7 @@ impl Session {
     async fn open(worker: &Worker) -> Result<Session, OpenError> {
         let settings = &worker.settings;
         let (connection, address) = worker.addresses.connect("qty-worker").await?;
-        open::show_version(
-            worker.addresses.clone(),
-            address,
-            worker.ctx.metrics.clone(),
-        );
+        open::show_version(&worker.addresses, address, &worker.ctx.metrics);
         let connection = Arc::new(connection);
         let broker = |what| move |error| OpenError::Broker(what, error);
         let deliveries = connection

@@ -52,7 +52,8 @@ pub fn report(error: &OpenError, health: &Health, retry: Duration) {
 
 /// Reads the version of the broker at address `index` beside the session, and
 /// shows it (`version::announce`); a probe that fails leaves the last one shown.
-pub fn show_version(addresses: Arc<Addresses>, index: usize, metrics: Arc<Metrics>) {
+pub fn show_version(addresses: &Arc<Addresses>, index: usize, metrics: &Arc<Metrics>) {
+    let (addresses, metrics) = (addresses.clone(), metrics.clone());
     tokio::spawn(async move {
         match addresses.version(index).await {
             Ok(found) => version::announce(&found, addresses.shown(index), &metrics),

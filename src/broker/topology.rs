@@ -397,25 +397,20 @@ async fn open_channel(connection: &Connection) -> Result<Channel, DeclareError> 
 /// COMMAND_INVALID (503), 4.0 and later with PRECONDITION_FAILED (406), both
 /// "unknown exchange type".
 fn is_unknown_exchange_type(error: &lapin::Error) -> bool {
-    match error.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) => {
-            let message = amqp.get_message().as_str();
-            amqp.get_id() == 503 || (amqp.get_id() == 406 && message.contains("exchange type"))
-        }
-        _ => false,
-    }
+    amqp_code(error) == Some(503) || refused(error, 406, "unknown exchange type")
 }
 
 /// Whether a declare was refused only because the queue exists without
 /// `x-queue-leader-locator` (declared by an older version).
 fn is_locator_conflict(error: &lapin::Error) -> bool {
+    refused(error, 406, "x-queue-leader-locator")
+}
+
+/// Whether the broker refused with `code` and a message that mentions `text`.
+fn refused(error: &lapin::Error, code: u16, text: &str) -> bool {
     match error.kind() {
         lapin::ErrorKind::ProtocolError(amqp) => {
-            amqp.get_id() == 406
-                && amqp
-                    .get_message()
-                    .as_str()
-                    .contains("x-queue-leader-locator")
+            amqp.get_id() == code && amqp.get_message().as_str().contains(text)
         }
         _ => false,
     }

@@ -29,11 +29,7 @@ impl Session {
     pub(super) async fn open(worker: &Worker) -> Result<Session, OpenError> {
         let settings = &worker.settings.worker;
         let (connection, address, cut) = worker.addresses.connect_with_cut("qty-worker").await?;
-        open::show_version(
-            worker.addresses.clone(),
-            address,
-            worker.ctx.metrics.clone(),
-        );
+        open::show_version(&worker.addresses, address, &worker.ctx.metrics);
         let connection = Arc::new(connection);
         worker.topology.declare(&connection).await?;
         let replies = open::reply_channel(&connection).await?;
