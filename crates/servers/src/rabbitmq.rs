@@ -114,17 +114,19 @@ impl Release {
     /// A fresh directory that a node of this release can read, as
     /// (the path here, the path the node sees).
     pub fn scratch_dir(&self, prefix: &str) -> (PathBuf, PathBuf) {
-        let inside = PathBuf::from("/tmp").join(format!("{prefix}-{}", suffix()));
-        let here = match self {
-            Release::Machine => std::env::temp_dir().join(inside.file_name().expect("name")),
-            Release::Chroot { root, .. } => root.join(inside.strip_prefix("/").expect("absolute")),
+        let name = format!("{prefix}-{}", suffix());
+        let (here, seen) = match self {
+            Release::Machine => {
+                let dir = std::env::temp_dir().join(&name);
+                (dir.clone(), dir)
+            }
+            Release::Chroot { root, .. } => (
+                root.join("tmp").join(&name),
+                PathBuf::from("/tmp").join(&name),
+            ),
         };
         std::fs::create_dir_all(&here).expect("create a scratch directory");
-        let inside = match self {
-            Release::Machine => here.clone(),
-            Release::Chroot { .. } => inside,
-        };
-        (here, inside)
+        (here, seen)
     }
 
     /// A RabbitMQ program (`rabbitmq-server`, `rabbitmqctl`, `rabbitmq-queues`,
