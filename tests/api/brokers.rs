@@ -10,7 +10,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection};
-use qty_test_support::app::{TestApp, WAIT, amqp_url, connect_any, eventually, publish};
+use qty_test_support::app::{TestApp, WAIT, amqp_url, connect_any, eventually, publish, run_apart};
 use qty_test_support::rabbitmq::Release;
 
 /// One release's column of the README's Brokers table.
@@ -225,28 +225,20 @@ impl ProbeQueue {
 impl Drop for ProbeQueue {
     fn drop(&mut self) {
         let queues = [self.name.clone(), self.dead.clone()];
-        // Its own runtime, on a thread of its own: drop may run inside the test's.
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let Some(connection) = connect_any(amqp_url()).await else {
-                    return;
-                };
-                if let Ok(channel) = connection.create_channel().await {
-                    for queue in queues {
-                        channel
-                            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                            .await
-                            .ok();
-                    }
+        run_apart(async move {
+            let Some(connection) = connect_any(amqp_url()).await else {
+                return;
+            };
+            if let Ok(channel) = connection.create_channel().await {
+                for queue in queues {
+                    channel
+                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                        .await
+                        .ok();
                 }
-                connection.close(200, "test done".into()).await.ok();
-            });
+            }
+            connection.close(200, "test done".into()).await.ok();
         });
-        cleanup.join().ok();
     }
 }
 

@@ -11,21 +11,30 @@ use std::collections::BTreeSet;
 
 const PLUGIN: &str = "rabbitmq_consistent_hash_exchange";
 
-#[tokio::test]
-async fn partition_leaders_spread_over_every_node_of_a_cluster() {
+/// `size` clustered nodes of the release under test with the hash exchange
+/// plugin, and names on the first; `None` (after saying so) without binaries.
+async fn nodes_with_plugin(size: usize) -> Option<(Cluster, Names)> {
     if !qty_test_support::servers_available() {
         eprintln!("skipped: no PostgreSQL/RabbitMQ binaries");
-        return;
+        return None;
     }
-    let cluster = tokio::task::spawn_blocking(|| Cluster::start_with_plugins(3, &[PLUGIN]))
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start_with_plugins(size, &[PLUGIN]))
         .await
-        .expect("start a 3-node cluster");
-    // The worker knows only the first node: the leaders would all be there
-    // if the node it declares on chose them.
+        .expect("start RabbitMQ nodes");
     let names = Names::on_own_servers(
         "postgres://postgres@127.0.0.1:5432".into(),
         cluster.node(0).url(),
     );
+    Some((cluster, names))
+}
+
+#[tokio::test]
+async fn partition_leaders_spread_over_every_node_of_a_cluster() {
+    // The worker knows only the first node: the leaders would all be there
+    // if the node it declares on chose them.
+    let Some((cluster, names)) = nodes_with_plugin(3).await else {
+        return;
+    };
     let app = TestApp::spawn_on(names, |settings| settings.worker.partitions = Some(8)).await;
     let listed = qty_test_support::run(cluster.node(0).ctl().args([
         "list_queues",
@@ -59,17 +68,9 @@ async fn partition_leaders_spread_over_every_node_of_a_cluster() {
 
 #[tokio::test]
 async fn partition_queues_an_older_version_declared_keep_working() {
-    if !qty_test_support::servers_available() {
-        eprintln!("skipped: no PostgreSQL/RabbitMQ binaries");
+    let Some((cluster, names)) = nodes_with_plugin(1).await else {
         return;
-    }
-    let cluster = tokio::task::spawn_blocking(|| Cluster::start_with_plugins(1, &[PLUGIN]))
-        .await
-        .expect("start a RabbitMQ node");
-    let names = Names::on_own_servers(
-        "postgres://postgres@127.0.0.1:5432".into(),
-        cluster.node(0).url(),
-    );
+    };
     // The partition queues exactly as the previous version declared them:
     // no leader locator.
     let connection = qty_test_support::app::connect_any(&names.amqp_url)

@@ -8,7 +8,7 @@ pub use crate::amqp::{connect_any, listen, publish, request_body};
 pub use crate::eventually;
 pub use crate::http::http_get;
 pub use crate::in_process::{RunningWorker, init_logs};
-pub use crate::names::{Names, RemovedOnDrop, amqp_url};
+pub use crate::names::{Names, RemovedOnDrop, amqp_url, run_apart};
 pub use crate::reply::{Reply, assert_documented_reply, next_reply};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions,

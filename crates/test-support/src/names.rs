@@ -113,52 +113,57 @@ impl Names {
     /// so it can be called from `Drop`.
     pub fn remove_all(&self) {
         let names = self.clone();
-        let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime");
-            runtime.block_on(async move {
-                if let Some(connection) = connect_any(&names.amqp_url).await
-                    && let Ok(channel) = connection.create_channel().await
-                {
-                    let topology =
-                        qty_worker::broker::Topology::new(&names.exchange, &names.queue, 1);
-                    let queues = [
-                        topology.queue,
-                        topology.dead_letter_queue,
-                        format!("{}.replies", names.queue),
-                    ];
-                    for queue in queues {
-                        channel
-                            .queue_delete(queue.into(), QueueDeleteOptions::default())
-                            .await
-                            .ok();
-                    }
-                    for exchange in [topology.exchange, topology.dead_letter_exchange] {
-                        channel
-                            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-                            .await
-                            .ok();
-                    }
-                    connection.close(200, "test done".into()).await.ok();
-                }
-                if let Ok(mut admin) =
-                    PgConnection::connect(&format!("{}/postgres", names.postgres)).await
-                {
-                    let drop = format!(
-                        "drop database if exists \"{}\" with (force)",
-                        names.database
-                    );
-                    sqlx::query(sqlx::AssertSqlSafe(drop))
-                        .execute(&mut admin)
+        run_apart(async move {
+            if let Some(connection) = connect_any(&names.amqp_url).await
+                && let Ok(channel) = connection.create_channel().await
+            {
+                let topology = qty_worker::broker::Topology::new(&names.exchange, &names.queue, 1);
+                let queues = [
+                    topology.queue,
+                    topology.dead_letter_queue,
+                    format!("{}.replies", names.queue),
+                ];
+                for queue in queues {
+                    channel
+                        .queue_delete(queue.into(), QueueDeleteOptions::default())
                         .await
                         .ok();
                 }
-            });
+                for exchange in [topology.exchange, topology.dead_letter_exchange] {
+                    channel
+                        .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                        .await
+                        .ok();
+                }
+                connection.close(200, "test done".into()).await.ok();
+            }
+            if let Ok(mut admin) =
+                PgConnection::connect(&format!("{}/postgres", names.postgres)).await
+            {
+                let drop = format!(
+                    "drop database if exists \"{}\" with (force)",
+                    names.database
+                );
+                sqlx::query(sqlx::AssertSqlSafe(drop))
+                    .execute(&mut admin)
+                    .await
+                    .ok();
+            }
         });
-        cleanup.join().ok();
     }
+}
+
+/// Runs `cleanup` to its end on a runtime of its own, on a thread of its own:
+/// for clean-up from `Drop`, which may run inside a test's runtime.
+pub fn run_apart(cleanup: impl std::future::Future<Output = ()> + Send + 'static) {
+    let thread = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a clean-up runtime")
+            .block_on(cleanup);
+    });
+    thread.join().ok();
 }
 
 /// Removes its names when dropped (see [`Names::removed_on_drop`]).
