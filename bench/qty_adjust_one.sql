@@ -3,4 +3,4 @@
 -- sets how many items it spreads over.
 \set item random(1, :items)
 \set delta random(-3, 2)
-select * from qty_adjust(array[gen_random_uuid()::text], array[md5(:item::text)::uuid], array[:delta::bigint], array[null::text], 200);
+select * from qty_adjust(array[gen_random_uuid()::text], array[md5(:item::text)::uuid], array[:delta::bigint], array[null::text], array[null::text], array[null::text], array[null::text], array['qty.adjust'], 200);

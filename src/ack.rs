@@ -109,10 +109,10 @@ impl Acks {
         self.lock().failed(tag, &self.settle);
     }
 
-    /// Hands back every delivery still being worked on, one nack each, in the
-    /// order they were delivered, so that the queue puts them back in that order.
-    /// (Closing the channel instead returns them consumer by consumer, in the
-    /// broker's order of consumer tags, which a widened window makes several.)
+    /// Hands back every delivery still being worked on (a drain that ran out of
+    /// time), one nack each, in the order they were delivered, so that the
+    /// queue puts them back in that order. A nack rather than the close: the
+    /// current RabbitMQ release does not charge a nack to the delivery limit.
     pub fn hand_back_unfinished(&self) -> usize {
         self.lock().hand_back_unfinished(&self.settle)
     }

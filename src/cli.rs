@@ -31,6 +31,8 @@ pub enum Command {
     Item(ItemCommand),
     /// Show an item's adjustment history, newest first.
     Ledger(LedgerArgs),
+    /// List the requests parked for locked items, per item, with their age.
+    Parked(ParkedArgs),
     /// Inspect or replay the dead-letter queue.
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
@@ -170,6 +172,17 @@ pub struct LedgerArgs {
     pub item_id: Uuid,
     /// Most rows to show.
     #[arg(long, default_value_t = 50)]
+    pub limit: i64,
+    #[command(flatten)]
+    pub json: JsonArg,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ParkedArgs {
+    /// Most rows to show.
+    #[arg(long, default_value_t = 1000)]
     pub limit: i64,
     #[command(flatten)]
     pub json: JsonArg,

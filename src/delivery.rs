@@ -2,13 +2,15 @@
 //! admit → decode → apply → reply → ack, inside one tracing span.
 //!
 //! Content problems are answered (`rejected` / `invalid_message`) and acked: a
-//! requeue would only bring the same bytes back. Failures that are not the
+//! requeue would only bring the same bytes back. A request the database parked
+//! for a locked item is acked without a reply: its reply is the judge's
+//! (`parked`). Failures that are not the
 //! content's fault (a permanent database error, a panic) hand the delivery back
 //! to the queue, whose delivery limit dead-letters it if it keeps failing.
 
 use crate::ack::Acks;
 use crate::admit::Publishers;
-use crate::apply::{Applier, Pending};
+use crate::apply::{Applier, Judged, Pending};
 use crate::broker::header_text;
 use crate::decode::{Invalid, ItemHeader, RequestProps, decode};
 use crate::direct_replies::DirectReplies;
@@ -17,6 +19,7 @@ use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
 use crate::outcome::Verdict;
 use crate::reply::{self, ReplyRoute};
+use crate::store::Incoming;
 use crate::trace::{TraceParent, join_exported_trace, new_span_id};
 use futures::FutureExt as _;
 use futures::future::BoxFuture;
@@ -58,6 +61,9 @@ pub struct Link {
     /// Fires when the connection is given up, at which point the delivery can no
     /// longer be acked and is left for the broker to redeliver.
     pub lost: CancellationToken,
+    /// The queue the deliveries come from: a parked request's source, whose
+    /// consumer judges it.
+    pub source: Arc<str>,
 }
 
 /// Takes one delivery: registers it for settling, decodes it and, when valid,
@@ -72,25 +78,6 @@ pub fn receive(ctx: &Arc<Context>, delivery: Delivery, link: &Arc<Link>) -> BoxF
     if delivery.redelivered {
         ctx.metrics.redelivered.inc();
     }
-    // Decoding is pure and should never panic; if it ever does, the delivery is
-    // handed back like any other failure rather than taking the consumer down.
-    let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        inject_fault(&delivery);
-        let props = request_props(&delivery.properties);
-        if props.item_header == ItemHeader::Absent {
-            keyless(ctx);
-        }
-        let admitted = ctx.publishers.admit(props.user_id.as_deref());
-        match (admitted, decode(&props, &delivery.data)) {
-            (Ok(()), Ok(request)) => Ok(ctx.applier.submit(request)),
-            (Ok(()), Err(invalid)) => Err(Refused::Invalid(invalid)),
-            // Forbidden wins over invalid, and nothing of it reaches the database.
-            (Err(forbidden), decoded) => Err(Refused::Forbidden {
-                verdict: Box::new(Verdict::for_forbidden(&forbidden, &decoded)),
-                user_id: props.user_id,
-            }),
-        }
-    }));
     let route = ReplyRoute {
         reply_to: short_property(delivery.properties.reply_to()),
         correlation_id: short_property(delivery.properties.correlation_id()),
@@ -102,6 +89,29 @@ pub fn receive(ctx: &Arc<Context>, delivery: Delivery, link: &Arc<Link>) -> BoxF
                 .to_string()
         }),
     };
+    // Decoding is pure and should never panic; if it ever does, the delivery is
+    // handed back like any other failure rather than taking the consumer down.
+    let decoded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        inject_fault(&delivery);
+        let props = request_props(&delivery.properties);
+        if props.item_header == ItemHeader::Absent {
+            keyless(ctx);
+        }
+        let admitted = ctx.publishers.admit(props.user_id.as_deref());
+        match (admitted, decode(&props, &delivery.data)) {
+            (Ok(()), Ok(request)) => Ok(ctx.applier.submit(Incoming {
+                request,
+                route: route.clone(),
+                source: link.source.clone(),
+            })),
+            (Ok(()), Err(invalid)) => Err(Refused::Invalid(invalid)),
+            // Forbidden wins over invalid, and nothing of it reaches the database.
+            (Err(forbidden), decoded) => Err(Refused::Forbidden {
+                verdict: Box::new(Verdict::for_forbidden(&forbidden, &decoded)),
+                user_id: props.user_id,
+            }),
+        }
+    }));
     // Boxed once, here: the handling future is over a kilobyte, and moving it
     // by value through `instrument` and `spawn` showed up as a tenth of the
     // worker's CPU (memmove) in a profile.
@@ -230,8 +240,18 @@ async fn process(
     link: &Link,
 ) -> Settled {
     let verdict = match decoded {
-        Ok(pending) => match link.lost.run_until_cancelled(pending.verdict()).await {
-            Some(Ok(verdict)) => verdict,
+        Ok(pending) => match link.lost.run_until_cancelled(pending.judged()).await {
+            Some(Ok(Judged::Now(verdict))) => verdict,
+            Some(Ok(Judged::Parked(why))) => {
+                // Parked with everything its judge needs: the delivery is done.
+                ctx.metrics.parked.inc();
+                tracing::debug!(
+                    why = why.code(),
+                    redelivered = received.redelivered,
+                    "request parked: its item is locked elsewhere; the reply follows when it is judged"
+                );
+                return Settled::Replied;
+            }
             Some(Err(error)) => {
                 tracing::error!(%error, "cannot apply the request");
                 return Settled::Requeue;

@@ -2,9 +2,9 @@
 //! alive) and `/readyz` (contract §7: the database accepts writes, the consumer
 //! runs and the topology exists; else 503 naming what is not ready).
 
-use crate::apply::set_aside::SetAside;
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::parked::Waiting;
 use crate::store::Database;
 use anyhow::Context as _;
 use axum::Router;
@@ -21,11 +21,8 @@ struct AppState {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     db: Database,
-    set_aside: Arc<SetAside>,
+    waiting: Arc<Waiting>,
 }
-
-/// Locked items `/readyz` names, at most.
-const LOCKED_ITEMS_SHOWN: usize = 5;
 
 /// How long `/readyz` waits for the database before calling it down.
 const DATABASE_PROBE: Duration = Duration::from_secs(1);
@@ -37,7 +34,7 @@ pub async fn serve(
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     db: Database,
-    set_aside: Arc<SetAside>,
+    waiting: Arc<Waiting>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -51,7 +48,7 @@ pub async fn serve(
             health,
             metrics,
             db,
-            set_aside,
+            waiting,
         });
     let task = tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
@@ -67,12 +64,10 @@ async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
         .observe_pool(state.db.pool.size(), state.db.pool.num_idle());
     let (ready, _) = state.health.report();
     state.metrics.ready.set(i64::from(ready));
-    state.metrics.set_aside_oldest_seconds.set(
-        state
-            .set_aside
-            .oldest(std::time::Instant::now())
-            .as_secs_f64(),
-    );
+    let (requests, items, oldest) = state.waiting.gauges(std::time::Instant::now());
+    state.metrics.parked_requests.set(requests as i64);
+    state.metrics.parked_items.set(items as i64);
+    state.metrics.parked_oldest_seconds.set(oldest.as_secs_f64());
     (
         [(
             header::CONTENT_TYPE,
@@ -92,15 +87,13 @@ async fn readiness(State(state): State<AppState>) -> impl IntoResponse {
     }
     let (ready, mut body) = state.health.report();
     // Readiness stays as it is: the worker serves everything else meanwhile.
-    if let Some(locked) = state.set_aside.summary(LOCKED_ITEMS_SHOWN) {
-        let items: Vec<String> = locked
-            .items
+    if let Some((requests, most)) = state.waiting.items() {
+        let items: Vec<String> = most
             .iter()
             .map(|(item, n)| format!("{item} ({n})"))
             .collect();
         body.push_str(&format!(
-            "set aside: {} requests wait for items locked elsewhere: {}\n",
-            locked.requests,
+            "parked: {requests} requests wait for items locked elsewhere: {}\n",
             items.join(", ")
         ));
     }

@@ -1,6 +1,6 @@
 use clap::Parser as _;
 use qty_worker::cli::{Cli, Command, DeadLettersCommand};
-use qty_worker::commands::{Output, adjust, dead_letters, item, ledger};
+use qty_worker::commands::{Output, adjust, dead_letters, item, ledger, parked};
 use qty_worker::settings::{LogFormat, SettingError, Settings};
 use qty_worker::{commands, telemetry};
 use std::process::ExitCode;
@@ -68,6 +68,10 @@ async fn command(cli: Cli) -> ExitCode {
         Command::Ledger(args) => {
             let output = Output::choose(args.json.json);
             ledger::run(&args.database, args.item_id, args.limit, output).await
+        }
+        Command::Parked(args) => {
+            let output = Output::choose(args.json.json);
+            parked::run(&args.database, args.limit, output).await
         }
         Command::DeadLetters(DeadLettersCommand::List(dead)) => {
             let output = Output::choose(dead.json.json);

@@ -42,7 +42,9 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub reconnects: Family<DependencyLabels, Counter>,
     db_connections: Family<PoolLabels, Gauge>,
-    pub set_aside: Gauge,
+    pub parked: Counter,
+    pub parked_requests: Gauge,
+    pub parked_items: Gauge,
     pub lock_waits_timed_out: Counter,
     pub replies_unroutable: Counter,
     pub replies_refused: Counter,
@@ -50,7 +52,7 @@ pub struct Metrics {
     pub broker_blocked: Gauge,
     pub without_item_header: Counter,
     pub partitions_owned: Gauge,
-    pub set_aside_oldest_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub parked_oldest_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     broker_info: Family<BrokerLabels, Gauge>,
 }
 
@@ -131,16 +133,28 @@ impl Metrics {
             "PostgreSQL pool connections by state (busy, idle), as of the scrape",
             db_connections.clone(),
         );
-        let set_aside = Gauge::default();
+        let parked = Counter::default();
         registry.register(
-            "requests_set_aside",
-            "Requests waiting for an item locked by someone else (unacked, retried with backoff)",
-            set_aside.clone(),
+            "requests_parked",
+            "Requests this worker parked in the database (acked, answered when judged): their item was locked elsewhere, or had requests parked before them",
+            parked.clone(),
+        );
+        let parked_requests = Gauge::default();
+        registry.register(
+            "parked_requests",
+            "Requests parked in the database for the fleet's queues, waiting for a locked item (as of the last look, every 2 s)",
+            parked_requests.clone(),
+        );
+        let parked_items = Gauge::default();
+        registry.register(
+            "parked_items",
+            "Items that parked requests wait for",
+            parked_items.clone(),
         );
         let lock_waits_timed_out = Counter::default();
         registry.register(
             "lock_waits_timed_out",
-            "Times an item (or message_id) stayed locked by someone else for the whole lock wait",
+            "Times an item (or message_id) stayed locked by someone else for the whole lock wait, and the request was parked",
             lock_waits_timed_out.clone(),
         );
         let replies_unroutable = Counter::default();
@@ -168,11 +182,11 @@ impl Metrics {
             "Replies the broker kept refusing (nack, e.g. a full reply_to queue) and that were given up; the request was still acked",
             replies_refused.clone(),
         );
-        let set_aside_oldest_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let parked_oldest_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
-            "set_aside_oldest_seconds",
-            "How long the longest-waiting request set aside for a locked item has waited (0 when none), as of the scrape",
-            set_aside_oldest_seconds.clone(),
+            "parked_oldest_seconds",
+            "How long the oldest parked request has waited for its locked item (0 when none), as of the scrape",
+            parked_oldest_seconds.clone(),
         );
         let ready = Gauge::default();
         registry.register(
@@ -210,10 +224,12 @@ impl Metrics {
             without_item_header,
             partitions_owned,
             broker_blocked,
-            set_aside_oldest_seconds,
+            parked_oldest_seconds,
             replies_refused,
             ready,
-            set_aside,
+            parked,
+            parked_requests,
+            parked_items,
             lock_waits_timed_out,
             replies_unroutable,
             reconnects,

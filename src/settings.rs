@@ -13,9 +13,6 @@ pub const DEFAULT_THREADS: u16 = 1;
 /// How many deliveries are in flight at once unless `--prefetch` says otherwise.
 pub const DEFAULT_PREFETCH: u16 = 1000;
 
-/// Set-aside requests that hold no delivery slot, unless `--set-aside-max` says otherwise.
-pub const DEFAULT_SET_ASIDE_MAX: u32 = 10_000;
-
 /// Deliveries of one message before it is dead-lettered unless `--delivery-limit` says otherwise.
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 10;
 
@@ -154,7 +151,8 @@ pub struct WorkerSettings {
     pub batch_max: u32,
 
     /// Milliseconds a transaction waits for a lock held by someone else (an item's
-    /// row, a message_id) before setting the request aside to retry later.
+    /// row, a message_id) before parking the request in the database, to be
+    /// judged in its order once the lock is gone.
     #[arg(long, env = "QTY_LOCK_WAIT_MS", default_value_t = DEFAULT_LOCK_WAIT_MS, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub lock_wait_ms: u64,
 
@@ -167,12 +165,6 @@ pub struct WorkerSettings {
     /// `forbidden`. Unset: every publisher is served.
     #[arg(long, env = "QTY_PUBLISHERS", value_parser = publishers_parser)]
     pub publishers: Option<String>,
-
-    /// Requests set aside for locked items that stop counting against the
-    /// prefetch (the worker widens its window by them); past this many, they hold
-    /// delivery slots again. A set-aside request costs a few hundred bytes.
-    #[arg(long, env = "QTY_SET_ASIDE_MAX", default_value_t = DEFAULT_SET_ASIDE_MAX, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
-    pub set_aside_max: u32,
 
     /// At start: `apply` creates the database if missing and applies pending
     /// migrations; `check` changes nothing and waits (/readyz 503) until the

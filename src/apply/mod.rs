@@ -10,42 +10,43 @@
 //! to pay.
 //!
 //! A lock held by someone else is waited for only briefly (`lock_wait`). A request
-//! whose item stays locked is set aside in its lane (see [`lane`]): it holds no
-//! connection, the lane goes on with other items, and it is retried with backoff,
-//! with every later request for the item behind it.
+//! whose item stays locked is parked in the database, in the same transaction
+//! (see `migrations/0007_parked_requests.sql`), and so is every later request
+//! for its item until the parked ones are judged (`parked`): its delivery is
+//! acked, and nothing of it is held here.
 //!
-//! The deliveries stay unacked while a request waits or is retried. We do not
-//! nack-requeue during an outage: on a quorum queue every requeue counts toward
-//! the delivery limit, and a long outage would dead-letter healthy messages.
+//! The deliveries stay unacked while a request is retried through an outage. We
+//! do not nack-requeue then: on a quorum queue a requeue may count toward the
+//! delivery limit, and a long outage would dead-letter healthy messages.
 
 mod lane;
 mod retry;
-pub mod set_aside;
 
-use crate::decode::Request;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::outcome::Verdict;
-use crate::store::{Adjusted, Database, StoreError};
-use set_aside::SetAside;
+use crate::store::{Database, Incoming, Parking, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
-type Answer = Result<Verdict, Arc<StoreError>>;
+/// What the database made of a request.
+#[derive(Debug)]
+pub enum Judged {
+    /// Its final outcome, to be replied now.
+    Now(Verdict),
+    /// Parked: to be acked now; the reply follows when it is judged.
+    Parked(Parking),
+}
+
+type Answer = Result<Judged, Arc<StoreError>>;
 
 struct Submitted {
-    request: Request,
+    incoming: Incoming,
     answer: oneshot::Sender<Answer>,
 }
 
 impl Submitted {
-    /// Sends the request its verdict (or the error that stopped it).
-    fn reply(self, adjusted: Result<Adjusted, Arc<StoreError>>) {
-        let verdict = adjusted.map(|a| Verdict::for_request(&self.request, a.outcome, a.replayed));
-        self.answer.send(verdict).ok();
-    }
-
     /// Whether the delivery was given up (its connection is gone): it will come
     /// again as a redelivery, so it need not be applied now.
     fn abandoned(&self) -> bool {
@@ -60,7 +61,8 @@ struct Shared {
     lock_wait: Duration,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-    set_aside: Arc<SetAside>,
+    /// Woken whenever a request is parked, so its judge looks soon.
+    parked: Arc<Notify>,
 }
 
 /// A handle to the lanes. Cloning it is cheap; the lanes stop when every handle
@@ -75,27 +77,34 @@ pub struct Pending {
     answer: oneshot::Receiver<Answer>,
 }
 
+/// How the lanes run.
+pub struct Lanes {
+    pub lanes: usize,
+    /// Requests per transaction, at most.
+    pub batch_max: usize,
+    /// How long a lock held elsewhere is waited for before parking.
+    pub lock_wait: Duration,
+}
+
 impl Applier {
-    /// Starts `lanes` lanes (one transaction each at a time), each carrying up to
-    /// `batch_max` requests per transaction.
+    /// Starts the lanes (one transaction each at a time). `parked` is woken
+    /// whenever a request is parked.
     pub fn start(
         db: Database,
-        lanes: usize,
-        batch_max: usize,
-        lock_wait: Duration,
+        lanes: Lanes,
         health: Arc<Health>,
         metrics: Arc<Metrics>,
-        set_aside: Arc<SetAside>,
+        parked: Arc<Notify>,
     ) -> Applier {
         let shared = Arc::new(Shared {
             db,
-            batch_max: batch_max.max(1),
-            lock_wait,
+            batch_max: lanes.batch_max.max(1),
+            lock_wait: lanes.lock_wait,
             health,
             metrics,
-            set_aside,
+            parked,
         });
-        let lanes = (0..lanes.max(1))
+        let lanes = (0..lanes.lanes.max(1))
             .map(|_| {
                 let (queue, inbox) = mpsc::unbounded_channel();
                 tokio::spawn(lane::run(inbox, shared.clone()));
@@ -105,29 +114,30 @@ impl Applier {
         Applier { lanes }
     }
 
-    /// Queues `request` in its item's lane, behind those submitted before it. The
-    /// queues are bounded by the prefetch: a request exists only for an unacked
-    /// delivery.
-    pub fn submit(&self, request: Request) -> Pending {
+    /// Queues the request in its item's lane, behind those submitted before it.
+    /// The queues are bounded by the prefetch: a request exists only for an
+    /// unacked delivery.
+    pub fn submit(&self, incoming: Incoming) -> Pending {
         let (answer, receiver) = oneshot::channel();
-        let lane = lane_of(&request, self.lanes.len());
+        let lane = lane_of(&incoming, self.lanes.len());
         // A send fails only once the lane is gone, when the receiver below then
         // reports the request as unanswered.
-        self.lanes[lane].send(Submitted { request, answer }).ok();
+        self.lanes[lane].send(Submitted { incoming, answer }).ok();
         Pending { answer: receiver }
     }
 }
 
 /// The lane of the request's item: the same for every request of one item.
-fn lane_of(request: &Request, lanes: usize) -> usize {
-    let (high, low) = request.item_id.as_u64_pair();
+fn lane_of(incoming: &Incoming, lanes: usize) -> usize {
+    let (high, low) = incoming.request.item_id.as_u64_pair();
     ((high ^ low) % lanes as u64) as usize
 }
 
 impl Pending {
-    /// The verdict, once the request's transaction has committed. Transient
-    /// failures never come back: they are retried until they pass.
-    pub async fn verdict(self) -> Result<Verdict, Arc<StoreError>> {
+    /// What the database made of the request, once its transaction has
+    /// committed. Transient failures never come back: they are retried until
+    /// they pass.
+    pub async fn judged(self) -> Result<Judged, Arc<StoreError>> {
         self.answer
             .await
             .unwrap_or_else(|_| Err(Arc::new(StoreError::Permanent(sqlx::Error::WorkerCrashed))))

@@ -4,10 +4,9 @@
 
 use super::Shared;
 use crate::backoff::Backoff;
-use crate::decode::Request;
 use crate::health::DatabaseState;
 use crate::store::target::describe;
-use crate::store::{self, Answer, StoreError};
+use crate::store::{self, Answer, Incoming, StoreError};
 use std::time::Duration;
 
 /// Capped short, so a database back from a restart or failover is used within a
@@ -19,7 +18,7 @@ const BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_
 /// is looked for before each retry.
 pub(super) async fn adjust(
     shared: &Shared,
-    requests: &[&Request],
+    requests: &[&Incoming],
     lock_wait: Duration,
 ) -> Result<Vec<Answer>, StoreError> {
     let mut backoff = BACKOFF;

@@ -8,6 +8,7 @@ pub mod adjust;
 pub mod dead_letters;
 pub mod item;
 pub mod ledger;
+pub mod parked;
 
 use crate::settings::{Connections, DatabaseArgs};
 use crate::store;

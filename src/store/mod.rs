@@ -9,6 +9,7 @@
 //! - [`literal`]: values escaped into SQL, for PgBouncer-safe simple queries;
 //! - [`errors`]: transient versus permanent, by SQLSTATE;
 //! - [`fleet`]: membership and partition leases of a partitioned fleet;
+//! - [`parked`]: requests parked for a locked item: judged, retired, listed;
 //! - [`operator`]: the operator commands' queries.
 //!
 //! The guard and the idempotency are decided inside PostgreSQL (the `qty_adjust`
@@ -20,10 +21,11 @@ pub mod errors;
 pub mod fleet;
 pub mod literal;
 pub mod operator;
+pub mod parked;
 pub mod schema;
 pub mod target;
 
-pub use adjust::{Adjusted, Answer, adjust};
+pub use adjust::{Adjusted, Answer, Incoming, Parking, adjust};
 pub use database::{Database, PrepareError, open_prepared};
 pub use errors::StoreError;
 pub use operator::{

@@ -10,7 +10,16 @@ use sqlx::migrate::MigrateError;
 use sqlx::{Connection as _, PgConnection, Row as _};
 
 /// The one function `run` calls on the hot path.
-pub const ADJUST_FUNCTION: &str = "qty_adjust(text[], uuid[], bigint[], text[], integer)";
+pub const ADJUST_FUNCTION: &str =
+    "qty_adjust(text[], uuid[], bigint[], text[], text[], text[], text[], text[], integer)";
+
+/// The functions that judge parked requests, retire them and say what waits
+/// (`store::parked`).
+pub const PARKED_FUNCTIONS: [&str; 3] = [
+    "qty_judge_parked(text[], text[], text, integer, integer)",
+    "qty_parked_replied(bigint[])",
+    "qty_parked_summary(text, integer)",
+];
 
 /// The functions a partitioned worker calls to share the partitions with its
 /// fleet (`store::fleet`). With `ADJUST_FUNCTION`, all the runtime role may execute.
@@ -132,8 +141,8 @@ pub async fn check(connection: &mut PgConnection) -> Result<(), SchemaError> {
 }
 
 /// Grants `role` exactly what `run` with `QTY_MIGRATE=check` needs: connecting,
-/// USAGE on the schema, reading the migrations table, executing `qty_adjust`
-/// and the fleet's functions. Nothing on `items`, `adjustments` or the fleet's
+/// USAGE on the schema, reading the migrations table, executing `qty_adjust`,
+/// the parked requests' functions and the fleet's. Nothing on `items`, `adjustments` or the fleet's
 /// tables: the functions change them as their owner.
 pub async fn grant_runtime_role(
     connection: &mut PgConnection,
@@ -161,7 +170,7 @@ pub async fn grant_runtime_role(
          grant select on table _sqlx_migrations to {role}; \
          grant execute on function {ADJUST_FUNCTION} to {role};"
     );
-    for function in FLEET_FUNCTIONS {
+    for function in FLEET_FUNCTIONS.iter().chain(&PARKED_FUNCTIONS) {
         grants.push_str(&format!(" grant execute on function {function} to {role};"));
     }
     sqlx::raw_sql(sqlx::AssertSqlSafe(grants))

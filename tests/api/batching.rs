@@ -5,7 +5,7 @@
 
 use qty_test_support::app::Names;
 use qty_worker::decode::Request;
-use qty_worker::store::{self, Adjusted, Answer, Database};
+use qty_worker::store::{self, Adjusted, Answer, Database, Incoming};
 use sqlx::PgPool;
 use std::time::Duration;
 use uuid::Uuid;
@@ -100,37 +100,77 @@ fn random_stream(seed: u64, len: usize) -> (Vec<(Uuid, i64)>, Vec<Request>) {
 /// The worker's default lock wait.
 const LOCK_WAIT: Duration = Duration::from_millis(qty_worker::settings::DEFAULT_LOCK_WAIT_MS);
 
-/// The final answers for `requests`, as the worker gets them: requests that come
-/// back busy (their item or key locked by a concurrent writer for the whole
-/// wait) are applied again, in order, until every one has its answer; so are
-/// batches that lost a deadlock.
+/// The final answers for `requests`, as the worker gets them: a batch that lost
+/// a deadlock is applied again; requests parked (their item or key locked by a
+/// concurrent writer for the whole wait) are judged as a judge does, and
+/// answered from the ledger.
 async fn adjust(db: &Database, requests: &[&Request]) -> Vec<Adjusted> {
-    let mut answers: Vec<Option<Adjusted>> = vec![None; requests.len()];
-    let mut pending: Vec<usize> = (0..requests.len()).collect();
+    let incoming: Vec<Incoming> = requests
+        .iter()
+        .map(|&request| Incoming {
+            request: request.clone(),
+            route: Default::default(),
+            source: "t".into(),
+        })
+        .collect();
+    let batch: Vec<&Incoming> = incoming.iter().collect();
     for _attempt in 0..1_000 {
-        if pending.is_empty() {
-            break;
-        }
-        let batch: Vec<&Request> = pending.iter().map(|&i| requests[i]).collect();
-        match store::adjust(db, &batch, LOCK_WAIT).await {
-            Ok(got) => {
-                let mut busy = Vec::new();
-                for (&i, answer) in pending.iter().zip(got) {
-                    match answer {
-                        Answer::Done(adjusted) => answers[i] = Some(adjusted),
-                        Answer::Busy => busy.push(i),
-                    }
-                }
-                pending = busy;
-            }
-            Err(error) if error.is_transient() => {}
+        let got = match store::adjust(db, &batch, LOCK_WAIT).await {
+            Ok(got) => got,
+            Err(error) if error.is_transient() => continue,
             Err(error) => panic!("adjust: {error}"),
+        };
+        let mut answers = Vec::with_capacity(got.len());
+        for (request, answer) in requests.iter().zip(got) {
+            answers.push(match answer {
+                Answer::Done(adjusted) => adjusted,
+                Answer::Parked(_) => judged(db, request).await,
+            });
         }
+        return answers;
     }
-    answers
-        .into_iter()
-        .map(|a| a.expect("every request answered within 1,000 attempts"))
-        .collect()
+    panic!("every batch answered within 1,000 attempts")
+}
+
+/// A parked request's answer, once a judge (this one, or a concurrent
+/// writer's) has judged it.
+async fn judged(db: &Database, request: &Request) -> Adjusted {
+    let sources = store::parked::Sources {
+        mine: vec!["t".into()],
+        fleet: vec!["t".into()],
+        name: "t".into(),
+    };
+    for _attempt in 0..1_000 {
+        if let Ok(judged) = store::parked::judge(db, &sources, 1_000, Duration::from_secs(60)).await {
+            let seqs: Vec<i64> = judged.iter().map(|j| j.seq).collect();
+            store::parked::replied(db, &seqs).await.expect("retire");
+            if let Some(mine) = judged.iter().find(|j| j.message_id == request.message_id) {
+                return Adjusted { outcome: mine.outcome.clone(), replayed: mine.replayed };
+            }
+        }
+        let recorded: Option<(Uuid, i64, String, Option<String>, Option<i64>)> = sqlx::query_as(
+            "select item_id, delta, outcome, reason, qty_after from adjustments where message_id = $1",
+        )
+        .bind(&request.message_id)
+        .fetch_optional(&db.pool)
+        .await
+        .expect("read the ledger");
+        if let Some((item, delta, outcome, reason, qty_after)) = recorded {
+            use qty_worker::outcome::{Outcome, Reason};
+            let outcome = if (item, delta) != (request.item_id, request.delta) {
+                Outcome::Rejected(Reason::from_code("idempotency_conflict").expect("code"))
+            } else {
+                match outcome.as_str() {
+                    "applied" => Outcome::Applied { qty: qty_after.expect("qty") },
+                    "not_found" => Outcome::NotFound,
+                    _ => Outcome::Rejected(Reason::from_code(&reason.expect("reason")).expect("code")),
+                }
+            };
+            return Adjusted { outcome, replayed: true };
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{} was never judged", request.message_id)
 }
 
 async fn apply_in_chunks(
@@ -295,11 +335,12 @@ async fn concurrent_duplicates_that_lock_no_item_are_still_recorded_once() {
 /// Calls `qty_adjust` with 50 new requests for item 1 on `connection`.
 async fn adjust_on(connection: &mut sqlx::PgConnection, round: usize) {
     let ids: Vec<String> = (0..50).map(|n| format!("r{round}-{n}")).collect();
-    sqlx::query("select count(*) from qty_adjust($1, $2, $3, $4, 1000)")
+    sqlx::query("select count(*) from qty_adjust($1, $2, $3, $4, $4, $4, $4, $5, 1000)")
         .bind(&ids)
         .bind(vec![Uuid::from_u128(1); 50])
         .bind(vec![1_i64; 50])
         .bind(vec![None::<String>; 50])
+        .bind(vec!["t"; 50])
         .execute(connection)
         .await
         .expect("adjust");
@@ -360,6 +401,26 @@ fn call_with_one<'q>(
         .bind(lock_wait_ms)
 }
 
+/// `qty_adjust`'s call of this release, `$1`..`$9`, bound to `request` alone,
+/// with no reply route, from source `t`.
+fn call_routed<'q>(
+    sql: &'static str,
+    request: &'q Request,
+    lock_wait_ms: i32,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, OneAnswer, sqlx::postgres::PgArguments> {
+    let none: Vec<Option<&str>> = vec![None];
+    sqlx::query_as(sql)
+        .bind(vec![request.message_id.as_str()])
+        .bind(vec![request.item_id])
+        .bind(vec![request.delta])
+        .bind(vec![request.publisher.as_deref()])
+        .bind(none.clone())
+        .bind(none.clone())
+        .bind(none)
+        .bind(vec!["t"])
+        .bind(lock_wait_ms)
+}
+
 /// `qty_adjust`'s answer for one request and how often it went down the batch
 /// path (`qty_adjust_batch`), asked in a transaction of its own so that
 /// PostgreSQL's per-transaction function counts show the route.
@@ -382,8 +443,8 @@ async fn adjust_one_counting_batch_path(
         .fetch_one(&mut *transaction)
         .await
         .expect("function counts");
-    let answer = call_with_one(
-        "select outcome, reason, qty_after, replayed from qty_adjust($1, $2, $3, $4, $5)",
+    let answer = call_routed(
+        "select outcome, reason, qty_after, replayed from qty_adjust($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         request,
         lock_wait_ms,
     )

@@ -137,7 +137,10 @@ async fn every_metric_family_is_exposed_before_the_first_event() {
         r#"qty_worker_adjustments_total{outcome="rejected",reason="idempotency_conflict"} 0"#,
         "qty_worker_replies_unroutable_total 0",
         "qty_worker_lock_waits_timed_out_total 0",
-        "qty_worker_requests_set_aside 0",
+        "qty_worker_parked_requests 0",
+        "qty_worker_parked_items 0",
+        "qty_worker_parked_oldest_seconds 0.0",
+        "qty_worker_requests_parked_total 0",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),

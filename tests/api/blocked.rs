@@ -75,7 +75,7 @@ async fn a_broker_that_blocks_publishers_is_shown_and_every_request_is_answered_
         .expect("the gauge is there, at 0, before any alarm");
     let item = app.create_item(0).await;
 
-    // The first requests wait in the worker for the locked row.
+    // The first requests are parked for the locked row.
     let lock = app.lock_row(item).await;
     for n in 0..BEFORE {
         app.adjust(&format!("before-{n}"), item, 1).await;

@@ -81,7 +81,7 @@ async fn a_row_locked_elsewhere_delays_only_its_own_requests_which_keep_their_or
         "{metrics}"
     );
     assert!(
-        metrics.contains("qty_worker_requests_set_aside 0"),
+        !metrics.contains("qty_worker_requests_parked_total 0"),
         "{metrics}"
     );
 }
@@ -141,7 +141,7 @@ async fn each_items_replies_match_a_sequential_replay_of_its_requests_in_publish
     }
 }
 
-/// The first value of a metric in the exposition, e.g. `qty_worker_requests_set_aside`.
+/// The first value of a metric in the exposition, e.g. `qty_worker_parked_requests`.
 fn metric(exposition: &str, name: &str) -> f64 {
     exposition
         .lines()
@@ -150,7 +150,7 @@ fn metric(exposition: &str, name: &str) -> f64 {
 }
 
 #[tokio::test]
-async fn more_requests_for_a_locked_item_than_the_prefetch_hold_no_slot_from_the_others() {
+async fn more_requests_for_a_locked_item_than_the_prefetch_are_parked_and_hold_no_slot() {
     let mut app = TestApp::spawn_with(|s| s.worker.prefetch = 100).await;
     let mut others = Vec::new();
     for _ in 0..20 {
@@ -178,13 +178,29 @@ async fn more_requests_for_a_locked_item_than_the_prefetch_hold_no_slot_from_the
     let (status, body) = app.get("/readyz").await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(&format!("{locked} ({waiting})")), "{body}");
-    let (_, metrics) = app.get("/metrics").await;
-    assert_eq!(
-        metric(&metrics, "qty_worker_requests_set_aside"),
-        f64::from(waiting)
-    );
+    // Parked: acked, nothing of them held by the worker or the broker.
+    assert_eq!(app.queue_depth().await, 0);
+    let parked: i64 = sqlx::query_scalar("select count(*) from parked where item_id = $1")
+        .bind(locked)
+        .fetch_one(&app.pool)
+        .await
+        .expect("count parked rows");
+    assert_eq!(parked, i64::from(waiting));
+    let metrics = eventually(
+        "the parked gauges to show them",
+        Duration::from_secs(10),
+        || async {
+            let (_, metrics) = app.get("/metrics").await;
+            let shown = (
+                metric(&metrics, "qty_worker_parked_requests"),
+                metric(&metrics, "qty_worker_parked_items"),
+            );
+            if shown == (f64::from(waiting), 1.0) { Ok(metrics) } else { Err(shown) }
+        },
+    )
+    .await;
     assert!(
-        metric(&metrics, "qty_worker_set_aside_oldest_seconds") > 0.0,
+        metric(&metrics, "qty_worker_parked_oldest_seconds") > 0.0,
         "{metrics}"
     );
 
@@ -200,13 +216,13 @@ async fn more_requests_for_a_locked_item_than_the_prefetch_hold_no_slot_from_the
         );
     }
     eventually(
-        "the set-aside gauges to return to 0",
+        "the parked gauges to return to 0",
         Duration::from_secs(10),
         || async {
             let (_, metrics) = app.get("/metrics").await;
             let left = (
-                metric(&metrics, "qty_worker_requests_set_aside"),
-                metric(&metrics, "qty_worker_set_aside_oldest_seconds"),
+                metric(&metrics, "qty_worker_parked_requests"),
+                metric(&metrics, "qty_worker_parked_oldest_seconds"),
             );
             if left == (0.0, 0.0) {
                 Ok(())

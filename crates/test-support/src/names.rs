@@ -102,7 +102,6 @@ impl Names {
                 lock_wait_ms: qty_worker::settings::DEFAULT_LOCK_WAIT_MS,
                 drain_secs: 10,
                 publishers: None,
-                set_aside_max: qty_worker::settings::DEFAULT_SET_ASIDE_MAX,
                 migrate: qty_worker::settings::MigrateMode::Apply,
                 partitions: None,
             },

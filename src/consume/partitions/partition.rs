@@ -8,23 +8,18 @@
 //! hand are finished within the drain time, what is left is handed back one
 //! nack at a time in delivery order (with no other consumer waiting, the queue
 //! serves them first, in that order), the channel is closed, and only then is
-//! the lease released. A nack each rather than the close: a widened window
-//! leaves several consumers on the channel, and a close returns their
-//! deliveries consumer by consumer, in an order that is not the queue's.
+//! the lease released. Only deliveries in flight are held: a request waiting
+//! for a locked item is parked and acked, and its new owner judges it.
 
 use crate::ack::{self, Acks};
-use crate::broker::open::next_of;
 use crate::delivery::{self, Context, Link};
 use crate::direct_replies::DirectReplies;
-use crate::window::{Widen, Window};
 use futures::StreamExt as _;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -32,11 +27,6 @@ use tokio_util::task::TaskTracker;
 pub struct Control {
     /// Hand the partition over: stop taking, finish or put back, close.
     pub hand_over: CancellationToken,
-    /// Start a fresh consumer (the set-aside requests no longer hold slots).
-    pub widen: Arc<Notify>,
-    /// Whether the lease is certainly held for a while yet; a cancel (widening)
-    /// is safe only then, since nobody else may wait on the queue meanwhile.
-    pub lease_sure: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 /// How a partition's task ended.
@@ -51,16 +41,11 @@ pub enum Ended {
 /// An owned partition being consumed.
 pub struct Partition {
     pub index: u16,
-    queue: String,
     channel: Channel,
     consumer: Consumer,
-    /// Consumers cancelled to widen the window, oldest first, until their last
-    /// deliveries are in (see `window`).
-    draining: VecDeque<Consumer>,
     link: Arc<Link>,
     settling: ack::Sender,
     in_flight: TaskTracker,
-    window: Window,
 }
 
 /// What every partition of a session shares.
@@ -71,7 +56,6 @@ pub struct Shared {
     /// Cancelled when the session is given up.
     pub lost: CancellationToken,
     pub prefetch: u16,
-    pub set_aside_max: u32,
     pub drain: Duration,
 }
 
@@ -92,21 +76,20 @@ impl Partition {
         let lost = shared.lost.child_token();
         let hold = usize::from(shared.prefetch).div_ceil(2);
         let (acks, settling) = Acks::start(channel.clone(), hold, lost.clone());
+        let source = queue.as_str().into();
         Ok(Partition {
             index,
-            queue,
             channel,
             consumer,
-            draining: VecDeque::new(),
             link: Arc::new(Link {
                 replies: shared.replies.clone(),
                 direct: shared.direct.clone(),
                 acks,
                 lost,
+                source,
             }),
             settling,
             in_flight: TaskTracker::new(),
-            window: Window::new(shared.prefetch, shared.set_aside_max),
         })
     }
 
@@ -118,29 +101,11 @@ impl Partition {
                 biased;
                 () = control.hand_over.cancelled() => return self.hand_over(&shared).await,
                 () = self.link.lost.cancelled() => return Ended::Failed,
-                next = next_of(&mut self.draining), if !self.draining.is_empty() => match next {
-                    Some(Ok(delivery)) => self.spawn(&shared.ctx, delivery),
-                    Some(Err(_)) => return Ended::Failed,
-                    None => {
-                        self.draining.pop_front();
-                    }
-                },
-                next = self.consumer.next(), if self.draining.is_empty() => match next {
+                next = self.consumer.next() => match next {
                     Some(Ok(delivery)) => self.spawn(&shared.ctx, delivery),
                     // Cancelled by the broker (the queue deleted) or failed.
                     _ => return Ended::Failed,
                 },
-                // Requests set aside somewhere grew: widen this partition's
-                // window only if it is full (its own deliveries are held).
-                () = control.widen.notified(), if self.in_flight.len() >= usize::from(shared.prefetch) => {
-                    let waiting = shared.ctx.metrics.set_aside.get().max(0) as usize;
-                    if self.window.check(waiting) == Widen::Now
-                        && (control.lease_sure)()
-                        && self.fresh_consumer().await.is_err()
-                    {
-                        return Ended::Failed;
-                    }
-                }
             }
         }
     }
@@ -148,23 +113,6 @@ impl Partition {
     fn spawn(&self, ctx: &Arc<Context>, delivery: lapin::message::Delivery) {
         self.in_flight
             .spawn(delivery::receive(ctx, delivery, &self.link));
-    }
-
-    /// Cancels the consumer and starts another (see `window`). Safe only while
-    /// the lease is held: with nobody else subscribed, the fresh consumer is
-    /// the one that becomes active.
-    async fn fresh_consumer(&mut self) -> lapin::Result<()> {
-        self.channel
-            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
-            .await?;
-        let fresh = consume(&self.channel, &self.queue).await?;
-        self.draining
-            .push_back(std::mem::replace(&mut self.consumer, fresh));
-        tracing::info!(
-            partition = self.index,
-            "requests set aside for locked items no longer hold delivery slots: consuming afresh"
-        );
-        Ok(())
     }
 
     /// Stops taking deliveries, finishes those in hand within the drain time,
@@ -177,12 +125,6 @@ impl Partition {
         self.in_flight.close();
         let finish = async {
             if cancelled.is_ok() {
-                let consumers: Vec<Consumer> = self.draining.drain(..).collect();
-                for mut consumer in consumers {
-                    while let Some(Ok(delivery)) = consumer.next().await {
-                        self.spawn(&shared.ctx, delivery);
-                    }
-                }
                 while let Some(Ok(delivery)) = self.consumer.next().await {
                     self.spawn(&shared.ctx, delivery);
                 }

@@ -20,7 +20,7 @@ use crate::broker::open;
 use crate::health::BrokerState;
 use crate::ownership::{self, LEASE_TTL, Leases, MEMBER_TTL, TICK, plan};
 use crate::store::fleet::Fleet;
-use crate::worker::Worker;
+use super::Consuming;
 use legacy::LEGACY;
 use partition::{Control, Ended, Partition};
 use session::Session;
@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Waits between attempts to reach the broker.
@@ -48,12 +48,11 @@ enum SessionEnd {
 /// A partition being consumed, as the loop sees it.
 struct Running {
     hand_over: CancellationToken,
-    widen: Arc<Notify>,
 }
 
 /// Consumes the partitions this worker owns until `shutdown` completes.
 pub async fn run(
-    worker: &Worker,
+    worker: &Consuming,
     partitions: u16,
     shutdown: &mut (impl Future<Output = ()> + Unpin),
 ) {
@@ -102,6 +101,7 @@ pub async fn run(
         let ended = serving.serve(shutdown, &mut lost_rx).await;
         worker.ctx.health.set_broker(BrokerState::Down);
         worker.ctx.health.set_partitions(Vec::new());
+        worker.consumes(Vec::new());
         worker.ctx.metrics.partitions_owned.set(0);
         match ended {
             SessionEnd::Stopped => {
@@ -133,7 +133,7 @@ pub async fn run(
 
 /// What serving one session needs.
 struct Serving<'a> {
-    worker: &'a Worker,
+    worker: &'a Consuming,
     fleet: &'a Fleet,
     leases: &'a Arc<Leases>,
     partitions: u16,
@@ -177,11 +177,6 @@ impl Serving<'_> {
                         return SessionEnd::Lost;
                     }
                 },
-                () = self.worker.set_aside.grown() => {
-                    for running in self.running.values() {
-                        running.widen.notify_one();
-                    }
-                }
                 _ = tick.tick() => {
                     if let Some(partition) = self.leases.lapsing(Instant::now()) {
                         tracing::warn!(partition, "partition lease not renewed in time: dropping the broker connection, so its deliveries go back in order before another worker takes it");
@@ -320,12 +315,8 @@ impl Serving<'_> {
             Partition::subscribe(&self.session.connection, index, queue, &self.session.shared)
                 .await?;
         let hand_over = CancellationToken::new();
-        let widen = Arc::new(Notify::new());
-        let leases = self.leases.clone();
         let control = Control {
             hand_over: hand_over.clone(),
-            widen: widen.clone(),
-            lease_sure: Arc::new(move || leases.sure(index, Instant::now())),
         };
         let shared = self.session.shared.clone();
         let ended = self.ended_tx.clone();
@@ -333,7 +324,7 @@ impl Serving<'_> {
             let how = partition.run(shared, control).await;
             ended.send((index, how)).ok();
         });
-        self.running.insert(index, Running { hand_over, widen });
+        self.running.insert(index, Running { hand_over });
         Ok(())
     }
 
@@ -379,6 +370,13 @@ impl Serving<'_> {
             .metrics
             .partitions_owned
             .set(owned.len() as i64);
+        // The parked requests of the queues consumed now are this worker's to judge.
+        let topology = &self.worker.topology;
+        let queue = |&p: &u16| match p {
+            LEGACY => topology.queue.clone(),
+            _ => topology.partition_queue(p),
+        };
+        self.worker.consumes(self.running.keys().map(queue).collect());
         self.worker.ctx.health.set_partitions(owned);
     }
 

@@ -4,11 +4,11 @@
 //! a blocked connection).
 
 use super::partition::Shared;
+use crate::consume::Consuming;
 use crate::broker::open::{self, OpenError};
 use crate::broker::{Cut, blocked};
 use crate::delivery::Context;
 use crate::direct_replies::DirectReplies;
-use crate::worker::Worker;
 use lapin::{Channel, Connection};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +26,7 @@ pub(super) struct Session {
 }
 
 impl Session {
-    pub(super) async fn open(worker: &Worker) -> Result<Session, OpenError> {
+    pub(super) async fn open(worker: &Consuming) -> Result<Session, OpenError> {
         let settings = &worker.settings.worker;
         let (connection, address, cut) = worker.addresses.connect_with_cut("qty-worker").await?;
         open::show_version(&worker.addresses, address, &worker.ctx.metrics);
@@ -58,7 +58,6 @@ impl Session {
             // Each partition its own full window: split over the partitions, a
             // lone worker owning all of them drained 15% slower (bench/fleet.sh).
             prefetch: settings.prefetch,
-            set_aside_max: settings.set_aside_max,
             drain: Duration::from_secs(settings.drain_secs),
         });
         tracing::info!(
