@@ -67,7 +67,10 @@ async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
     let (requests, items, oldest) = state.waiting.gauges(std::time::Instant::now());
     state.metrics.parked_requests.set(requests as i64);
     state.metrics.parked_items.set(items as i64);
-    state.metrics.parked_oldest_seconds.set(oldest.as_secs_f64());
+    state
+        .metrics
+        .parked_oldest_seconds
+        .set(oldest.as_secs_f64());
     (
         [(
             header::CONTENT_TYPE,

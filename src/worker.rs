@@ -169,13 +169,17 @@ impl Worker {
             .run(stop_judging.clone()),
         );
         match consuming.settings.worker.partitions {
-            Some(partitions) => consume::partitions::run(consuming, partitions, &mut shutdown).await,
+            Some(partitions) => {
+                consume::partitions::run(consuming, partitions, &mut shutdown).await
+            }
             None => consume::queue::run(consuming, &mut shutdown).await,
         }
         stop_judging.cancel();
         let drain = Duration::from_secs(consuming.settings.worker.drain_secs);
         if tokio::time::timeout(drain, judge).await.is_err() {
-            tracing::warn!("drain time is up while answering parked requests; their replies are sent again by the next judge");
+            tracing::warn!(
+                "drain time is up while answering parked requests; their replies are sent again by the next judge"
+            );
         }
         self.http.abort();
         tracing::info!("stopped");
@@ -194,7 +198,10 @@ impl Worker {
             let error = match self.consuming.db.prepare(mode).await {
                 Ok(()) => {
                     self.consuming.ctx.health.set_prepared();
-                    tracing::info!(host = self.consuming.db.target.current_host(), "database ready");
+                    tracing::info!(
+                        host = self.consuming.db.target.current_host(),
+                        "database ready"
+                    );
                     return;
                 }
                 Err(error) => error,
@@ -203,13 +210,15 @@ impl Worker {
             let retry_in_ms = backoff.peek().as_millis() as u64;
             match &error {
                 PrepareError::Schema(schema @ SchemaError::PermissionDenied(_)) => {
-                    self.consuming.ctx
+                    self.consuming
+                        .ctx
                         .health
                         .set_database(DatabaseState::Misconfigured(schema.to_string()));
                     tracing::error!(error = %schema, url = %self.consuming.db.target.shown, retry_in_ms, "database: a privilege is missing; grant it (docs/security.md)");
                 }
                 PrepareError::Schema(schema @ SchemaError::Behind(_)) => {
-                    self.consuming.ctx
+                    self.consuming
+                        .ctx
                         .health
                         .set_database(DatabaseState::Misconfigured(schema.to_string()));
                     tracing::warn!(error = %schema, url = %self.consuming.db.target.shown, retry_in_ms, "database: waiting for `qty-worker migrate`");

@@ -33,57 +33,57 @@ const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from
 /// Consumes the request queue until `shutdown` completes, reconnecting
 /// whenever the broker is lost.
 pub async fn run(worker: &Consuming, shutdown: &mut (impl Future<Output = ()> + Unpin)) {
-        // A tracker rather than a JoinSet: nothing needs a handler's result, and a
-        // JoinSet woke this loop once per finished delivery to collect it.
-        let in_flight = TaskTracker::new();
-        let mut backoff = BACKOFF;
-        let mut lost_before = false;
-        loop {
-            let session = tokio::select! {
-                biased;
-                () = &mut *shutdown => break,
-                session = Session::open(worker) => session,
-            };
-            let mut session = match session {
-                Ok(session) => session,
-                Err(error) => {
-                    worker.ctx.metrics.dependency_error("broker");
-                    open::report(&error, &worker.ctx.health, backoff.peek());
-                    tokio::select! {
-                        () = &mut *shutdown => break,
-                        () = tokio::time::sleep(backoff.fail()) => {}
-                    }
-                    continue;
+    // A tracker rather than a JoinSet: nothing needs a handler's result, and a
+    // JoinSet woke this loop once per finished delivery to collect it.
+    let in_flight = TaskTracker::new();
+    let mut backoff = BACKOFF;
+    let mut lost_before = false;
+    loop {
+        let session = tokio::select! {
+            biased;
+            () = &mut *shutdown => break,
+            session = Session::open(worker) => session,
+        };
+        let mut session = match session {
+            Ok(session) => session,
+            Err(error) => {
+                worker.ctx.metrics.dependency_error("broker");
+                open::report(&error, &worker.ctx.health, backoff.peek());
+                tokio::select! {
+                    () = &mut *shutdown => break,
+                    () = tokio::time::sleep(backoff.fail()) => {}
                 }
-            };
-            backoff.reset();
-            if lost_before {
-                worker.ctx.metrics.reconnected("broker");
+                continue;
             }
-            worker.ctx.health.set_broker(BrokerState::Consuming);
-            tracing::info!(
-                queue = %worker.topology.queue,
-                prefetch = worker.settings.worker.prefetch,
-                node = worker.addresses.shown(session.address),
-                "consuming"
-            );
-
-            let stopped = consume(worker, &mut session, &in_flight, shutdown).await;
-            worker.ctx.health.set_broker(BrokerState::Down);
-            if stopped {
-                session.drain(worker, &in_flight).await;
-                session.close().await;
-                break;
-            }
-            // The session is given up: its deliveries can no longer be settled.
-            // Close what may still be open, so no consumer lingers on it.
-            session.link.lost.cancel();
-            worker.addresses.lost(session.address);
-            session.close().await;
-            lost_before = true;
-            worker.ctx.metrics.dependency_error("broker");
-            tracing::warn!("broker connection lost; reconnecting");
+        };
+        backoff.reset();
+        if lost_before {
+            worker.ctx.metrics.reconnected("broker");
         }
+        worker.ctx.health.set_broker(BrokerState::Consuming);
+        tracing::info!(
+            queue = %worker.topology.queue,
+            prefetch = worker.settings.worker.prefetch,
+            node = worker.addresses.shown(session.address),
+            "consuming"
+        );
+
+        let stopped = consume(worker, &mut session, &in_flight, shutdown).await;
+        worker.ctx.health.set_broker(BrokerState::Down);
+        if stopped {
+            session.drain(worker, &in_flight).await;
+            session.close().await;
+            break;
+        }
+        // The session is given up: its deliveries can no longer be settled.
+        // Close what may still be open, so no consumer lingers on it.
+        session.link.lost.cancel();
+        worker.addresses.lost(session.address);
+        session.close().await;
+        lost_before = true;
+        worker.ctx.metrics.dependency_error("broker");
+        tracing::warn!("broker connection lost; reconnecting");
+    }
 }
 
 /// Spawns a handler per delivery until the consumer fails (returns `false`) or

@@ -86,10 +86,16 @@ pub async fn adjust(
     let lock_wait_ms = i32::try_from(lock_wait.as_millis()).unwrap_or(i32::MAX);
     let mut connection = db.pool.acquire().await?;
     let rows = if db.target.prepared_statements {
-        let text = |f: fn(&Incoming) -> Option<&str>| requests.iter().map(|r| f(r)).collect::<Vec<_>>();
+        let text =
+            |f: fn(&Incoming) -> Option<&str>| requests.iter().map(|r| f(r)).collect::<Vec<_>>();
         sqlx::query_as::<_, AdjustRow>(CALL)
             .bind(text(|r| Some(r.request.message_id.as_str())))
-            .bind(requests.iter().map(|r| r.request.item_id).collect::<Vec<_>>())
+            .bind(
+                requests
+                    .iter()
+                    .map(|r| r.request.item_id)
+                    .collect::<Vec<_>>(),
+            )
             .bind(requests.iter().map(|r| r.request.delta).collect::<Vec<_>>())
             .bind(text(|r| r.request.publisher.as_deref()))
             .bind(text(|r| r.route.reply_to.as_deref()))
@@ -138,7 +144,8 @@ const CALL: &str = "select pos, outcome, reason, qty_after, replayed \
 /// The same call for `requests` as one simple query, its arguments written as
 /// literals.
 fn call_text(requests: &[&Incoming], lock_wait_ms: i32) -> String {
-    let text = |f: fn(&Incoming) -> Option<&str>| literal::text_array(requests.iter().map(|r| f(r)));
+    let text =
+        |f: fn(&Incoming) -> Option<&str>| literal::text_array(requests.iter().map(|r| f(r)));
     format!(
         "select pos, outcome, reason, qty_after, replayed from qty_adjust({}, {}, {}, {}, {}, {}, {}, {}, {lock_wait_ms}) order by pos",
         text(|r| Some(r.request.message_id.as_str())),

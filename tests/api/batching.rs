@@ -141,11 +141,15 @@ async fn judged(db: &Database, request: &Request) -> Adjusted {
         name: "t".into(),
     };
     for _attempt in 0..1_000 {
-        if let Ok(judged) = store::parked::judge(db, &sources, 1_000, Duration::from_secs(60)).await {
+        if let Ok(judged) = store::parked::judge(db, &sources, 1_000, Duration::from_secs(60)).await
+        {
             let seqs: Vec<i64> = judged.iter().map(|j| j.seq).collect();
             store::parked::replied(db, &seqs).await.expect("retire");
             if let Some(mine) = judged.iter().find(|j| j.message_id == request.message_id) {
-                return Adjusted { outcome: mine.outcome.clone(), replayed: mine.replayed };
+                return Adjusted {
+                    outcome: mine.outcome.clone(),
+                    replayed: mine.replayed,
+                };
             }
         }
         let recorded: Option<(Uuid, i64, String, Option<String>, Option<i64>)> = sqlx::query_as(
@@ -161,12 +165,19 @@ async fn judged(db: &Database, request: &Request) -> Adjusted {
                 Outcome::Rejected(Reason::from_code("idempotency_conflict").expect("code"))
             } else {
                 match outcome.as_str() {
-                    "applied" => Outcome::Applied { qty: qty_after.expect("qty") },
+                    "applied" => Outcome::Applied {
+                        qty: qty_after.expect("qty"),
+                    },
                     "not_found" => Outcome::NotFound,
-                    _ => Outcome::Rejected(Reason::from_code(&reason.expect("reason")).expect("code")),
+                    _ => Outcome::Rejected(
+                        Reason::from_code(&reason.expect("reason")).expect("code"),
+                    ),
                 }
             };
-            return Adjusted { outcome, replayed: true };
+            return Adjusted {
+                outcome,
+                replayed: true,
+            };
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -546,7 +557,8 @@ async fn a_lone_request_takes_the_short_path_and_answers_and_records_as_the_batc
 }
 
 #[tokio::test]
-async fn a_lone_request_whose_item_is_locked_waits_on_the_batch_path_and_comes_back_busy() {
+async fn a_lone_request_whose_item_is_locked_waits_on_the_batch_path_and_is_parked_and_the_next_behind_it()
+ {
     use sqlx::Connection as _;
     let db = TestDb::create().await;
     let item = Uuid::from_u128(7);
@@ -564,32 +576,84 @@ async fn a_lone_request_whose_item_is_locked_waits_on_the_batch_path_and_comes_b
     let mut connection = sqlx::PgConnection::connect(&db.names.database_url())
         .await
         .expect("connect");
-    let request = Request {
-        message_id: "locked-1".into(),
+    let request = |id: &str, delta| Request {
+        message_id: id.into(),
         item_id: item,
-        delta: 1,
+        delta,
         publisher: None,
     };
     let waited = std::time::Instant::now();
     let (answer, batch_calls) =
-        adjust_one_counting_batch_path(&mut connection, &request, 300).await;
-    assert_eq!(answer.0, "busy", "{answer:?}");
+        adjust_one_counting_batch_path(&mut connection, &request("locked-1", 1), 300).await;
+    assert_eq!(
+        answer,
+        ("parked".into(), Some("locked".into()), None, false)
+    );
     assert_eq!(
         batch_calls, 1,
         "the locked item should go down the batch path"
     );
     assert!(
         waited.elapsed() >= Duration::from_millis(300),
-        "the batch path waits the whole lock wait before answering busy"
+        "the batch path waits the whole lock wait before parking"
     );
     assert!(
         ledger(&db.pool).await.is_empty(),
-        "a busy request is not recorded"
+        "a parked request is not recorded"
     );
 
     held.rollback().await.expect("release the item");
+    // Free now, but a request parked before it: the next waits behind, and a
+    // repeat of the parked one is not parked twice.
+    let (answer, _) =
+        adjust_one_counting_batch_path(&mut connection, &request("locked-2", -12), 300).await;
+    assert_eq!(
+        answer,
+        ("parked".into(), Some("behind".into()), None, false)
+    );
+    let (answer, _) =
+        adjust_one_counting_batch_path(&mut connection, &request("locked-1", 1), 300).await;
+    assert_eq!(
+        answer,
+        ("parked".into(), Some("duplicate".into()), None, true)
+    );
+    let (answer, _) =
+        adjust_one_counting_batch_path(&mut connection, &request("locked-1", 2), 300).await;
+    assert_eq!(
+        answer,
+        (
+            "rejected".into(),
+            Some("idempotency_conflict".into()),
+            None,
+            true
+        )
+    );
+
+    let sources = store::parked::Sources {
+        mine: vec!["t".into()],
+        fleet: vec!["t".into()],
+        name: "t".into(),
+    };
+    let judged = store::parked::judge(&db.db, &sources, 100, Duration::from_secs(60))
+        .await
+        .expect("judge");
+    let judged: Vec<(String, String)> = judged
+        .iter()
+        .map(|j| (j.message_id.clone(), format!("{:?}", j.outcome)))
+        .collect();
+    assert_eq!(
+        judged,
+        [
+            ("locked-1".to_owned(), "Applied { qty: 11 }".to_owned()),
+            (
+                "locked-2".to_owned(),
+                "Rejected(InsufficientQty)".to_owned()
+            )
+        ],
+        "judged in the order they were parked"
+    );
     let (answer, batch_calls) =
-        adjust_one_counting_batch_path(&mut connection, &request, 300).await;
-    assert_eq!(answer, ("applied".into(), None, Some(11), false));
-    assert_eq!(batch_calls, 0, "once free, the item takes the short path");
+        adjust_one_counting_batch_path(&mut connection, &request("locked-3", 1), 300).await;
+    assert_eq!(answer, ("applied".into(), None, Some(12), false));
+    assert_eq!(batch_calls, 0, "once judged, the item takes the short path");
 }

@@ -95,6 +95,7 @@ async fn migrate_creates_the_database_and_nothing_else() {
             "adjustments",
             "fleet_members",
             "items",
+            "parked",
             "partition_leases"
         ]
     );

@@ -195,7 +195,11 @@ async fn more_requests_for_a_locked_item_than_the_prefetch_are_parked_and_hold_n
                 metric(&metrics, "qty_worker_parked_requests"),
                 metric(&metrics, "qty_worker_parked_items"),
             );
-            if shown == (f64::from(waiting), 1.0) { Ok(metrics) } else { Err(shown) }
+            if shown == (f64::from(waiting), 1.0) {
+                Ok(metrics)
+            } else {
+                Err(shown)
+            }
         },
     )
     .await;

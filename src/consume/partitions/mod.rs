@@ -15,12 +15,12 @@ mod legacy;
 mod partition;
 mod session;
 
+use super::Consuming;
 use crate::backoff::Backoff;
 use crate::broker::open;
 use crate::health::BrokerState;
 use crate::ownership::{self, LEASE_TTL, Leases, MEMBER_TTL, TICK, plan};
 use crate::store::fleet::Fleet;
-use super::Consuming;
 use legacy::LEGACY;
 use partition::{Control, Ended, Partition};
 use session::Session;
@@ -376,7 +376,8 @@ impl Serving<'_> {
             LEGACY => topology.queue.clone(),
             _ => topology.partition_queue(p),
         };
-        self.worker.consumes(self.running.keys().map(queue).collect());
+        self.worker
+            .consumes(self.running.keys().map(queue).collect());
         self.worker.ctx.health.set_partitions(owned);
     }
 

@@ -4,9 +4,9 @@
 //! a blocked connection).
 
 use super::partition::Shared;
-use crate::consume::Consuming;
 use crate::broker::open::{self, OpenError};
 use crate::broker::{Cut, blocked};
+use crate::consume::Consuming;
 use crate::delivery::Context;
 use crate::direct_replies::DirectReplies;
 use lapin::{Channel, Connection};
