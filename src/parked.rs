@@ -40,6 +40,9 @@ const LOOK_EVERY: Duration = Duration::from_secs(2);
 const LOCKED: Backoff = Backoff::new(Duration::from_millis(50), LOOK_EVERY);
 /// Through a database or broker outage.
 const FAILING: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+/// Retiring answered rows is retried while its backoff is below this; past it,
+/// they stay owed and are answered again.
+const FAILING_FOR: Duration = Duration::from_secs(5);
 /// Rows judged per transaction, at most.
 const MOST: u32 = 1_000;
 /// How long a judge has to confirm its replies before another sends them.
@@ -212,7 +215,7 @@ impl Judge {
             .map(|(seq, _)| *seq)
             .collect();
         if !confirmed.is_empty() {
-            parked::replied(&self.db, &confirmed).await?;
+            self.retire(&confirmed).await?;
         }
         tracing::debug!(
             judged = judged.len(),
@@ -228,6 +231,24 @@ impl Judge {
             )));
         }
         Ok(judged.len())
+    }
+}
+
+impl Judge {
+    /// Retires rows whose replies are confirmed, through transient database
+    /// failures: left owed, they would be answered twice.
+    async fn retire(&self, seqs: &[i64]) -> Result<(), StoreError> {
+        let mut backoff = FAILING;
+        loop {
+            match parked::replied(&self.db, seqs).await {
+                Ok(()) => return Ok(()),
+                Err(error) if error.is_transient() && backoff.peek() < FAILING_FOR => {
+                    tracing::warn!(%error, "cannot retire answered parked requests; trying again");
+                    tokio::time::sleep(backoff.fail()).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 }
 

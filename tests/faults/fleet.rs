@@ -170,26 +170,32 @@ async fn a_partition_handed_over_while_an_item_is_locked_keeps_that_items_order(
     let Some(mut s) = fleet("fleetlock", 6, Own::partitioned(1)).await else {
         return;
     };
+    // A low limit: hand-overs must not charge the waiting requests to it.
+    s.worker_env.push(("QTY_DELIVERY_LIMIT".into(), "2".into()));
     s.start_worker().await;
     s.start_worker().await;
     wait_even_spread(&s, &[0, 1], SPREAD_WITHIN).await;
-    // An operator holds one item's row: its requests wait (set aside) in
-    // whichever worker owns its partition, while the others flow.
+    // An operator holds one item's row: its requests are parked by whichever
+    // worker owns its partition, while the others flow.
     let locked = s.items[0].0;
-    let mut lock = s.pool.begin().await.expect("begin");
-    sqlx::query("select 1 from items where id = $1 for update")
-        .bind(locked)
-        .execute(&mut *lock)
-        .await
-        .expect("lock the row");
+    let lock = s.lock_item(locked).await;
     let publisher = s.spawn_publisher(s.plan_alternating(60, true), 200);
     s.wait_recorded(250, GENEROUS).await;
-    // Both hand over while the lock is held: one stops (its partitions move to
-    // the other, a drain that cannot finish the locked item's requests gives
-    // them back in place), and a newcomer takes half.
+    // The fleet churns while the lock is held: one worker stops (its
+    // partitions move to the other), a newcomer takes half, one crashes, and
+    // another joins.
     s.stop_worker(0).await;
     s.start_worker().await;
     wait_even_spread(&s, &[1, 2], SPREAD_WITHIN).await;
+    s.kill_worker(1);
+    s.start_worker().await;
+    wait_even_spread(&s, &[2, 3], SPREAD_WITHIN).await;
+    let parked: i64 = sqlx::query_scalar("select count(*) from parked where item_id = $1")
+        .bind(locked)
+        .fetch_one(&s.pool)
+        .await
+        .expect("count parked rows");
+    assert!(parked > 0, "the locked item's requests wait parked");
     lock.rollback().await.expect("release the row");
     publisher.await.expect("publisher");
     s.wait_recorded(360, GENEROUS).await;

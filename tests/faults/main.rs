@@ -10,6 +10,7 @@
 
 mod availability;
 mod fleet;
+mod parked;
 mod pgbouncer;
 
 use qty_test_support::faults::{Own, Scenario, Verdicts};

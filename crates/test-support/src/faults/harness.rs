@@ -25,6 +25,9 @@ pub struct WorkerProcess {
     stopped: bool,
 }
 
+/// How long `finish` waits for parked requests to be answered.
+const OWED_REPLIES_WITHIN: Duration = Duration::from_secs(30);
+
 pub struct Scenario {
     pub names: Names,
     pub servers: Servers,
@@ -43,6 +46,9 @@ pub struct Scenario {
     pub items: Vec<(Uuid, i64)>,
     pub sent: Vec<Sent>,
     pub poison: Vec<String>,
+    /// Whether the final check compares each item's ledger order with its
+    /// publish order (partitioned runs, and runs with one worker at a time).
+    pub ordered: bool,
     /// Workers the test killed on purpose; any other exit is a violation.
     killed: usize,
     label: String,
@@ -105,6 +111,7 @@ impl Scenario {
             items: created,
             sent: Vec::new(),
             poison: Vec::new(),
+            ordered: false,
             killed: 0,
             label: label.to_owned(),
         })
@@ -286,6 +293,7 @@ impl Scenario {
     /// the final check verify per-item order.
     pub fn partitioned(&mut self, partitions: u16) {
         self.partitions = Some(partitions);
+        self.ordered = true;
         self.worker_env
             .push(("QTY_PARTITIONS".into(), partitions.to_string()));
     }
@@ -405,6 +413,54 @@ impl Scenario {
         self.killed += 1;
     }
 
+    /// Waits for worker `index` to die by itself (a fault it was told to
+    /// inject), and counts it as killed on purpose.
+    pub async fn wait_died(&mut self, index: usize, within: Duration) {
+        let started = Instant::now();
+        while self.running(index) {
+            assert!(
+                started.elapsed() < within,
+                "worker {index} still runs after {within:?}; see {:?}",
+                self.workers[index].log
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.killed += 1;
+    }
+
+    /// Locks `item`'s row as an operator's `SELECT … FOR UPDATE` does, until
+    /// the transaction returned ends.
+    pub async fn lock_item(&self, item: Uuid) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut lock = self.pool.begin().await.expect("begin");
+        sqlx::query("select 1 from items where id = $1 for update")
+            .bind(item)
+            .execute(&mut *lock)
+            .await
+            .expect("lock the row");
+        lock
+    }
+
+    /// Requests parked and not yet judged.
+    pub async fn parked(&self) -> usize {
+        let rows: i64 = eventually("the parked rows counted", Duration::from_secs(30), || {
+            sqlx::query_scalar("select count(*) from parked where judged_at is null")
+                .fetch_one(&self.pool)
+        })
+        .await;
+        rows as usize
+    }
+
+    /// Waits until at least `count` requests wait parked.
+    pub async fn wait_parked(&self, count: usize, within: Duration) {
+        eventually(&format!("{count} requests parked"), within, || async {
+            match self.parked().await {
+                now if now >= count => Ok(()),
+                now => Err(format!("{now} parked")),
+            }
+        })
+        .await;
+    }
+
     /// Terminates every PostgreSQL session the workers hold.
     pub async fn terminate_db_sessions(&self) -> usize {
         let killed: Vec<bool> = sqlx::query_scalar(
@@ -417,8 +473,20 @@ impl Scenario {
         killed.len()
     }
 
-    /// Stops every live worker with SIGTERM and checks the invariants.
+    /// Stops every live worker with SIGTERM and checks the invariants. First
+    /// gives the live workers time to answer what is still parked (a reply
+    /// owed by a judge that failed goes out once its time to reply is up).
     pub async fn finish(mut self) -> Verdicts {
+        let started = Instant::now();
+        while started.elapsed() < OWED_REPLIES_WITHIN
+            && (0..self.workers.len()).any(|index| self.running(index))
+            && sqlx::query_scalar::<_, i64>("select count(*) from parked")
+                .fetch_one(&self.pool)
+                .await
+                .is_ok_and(|rows| rows > 0)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let mut verdicts = Verdicts::default();
         let expected_running = self.workers.len() - self.killed;
         let mut running = 0;

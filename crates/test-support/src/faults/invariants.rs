@@ -1,8 +1,9 @@
 //! The invariants every fault run must keep, checked once the workers stopped:
 //! nothing lost, nothing applied twice, every request answered with identical
-//! replies, the queue drained, and only the poison dead-lettered. Partitioned,
-//! also per-item order: each item's requests are in the ledger (by
-//! `recorded_at`) in the order they were published.
+//! replies, the queue drained, nothing left parked, and only the poison
+//! dead-lettered. Partitioned (or with one worker at a time), also per-item
+//! order: each item's requests are in the ledger (by `recorded_at`) in the
+//! order they were published.
 
 use super::{Scenario, Sent};
 use crate::app::connect_any;
@@ -119,8 +120,17 @@ impl Scenario {
                 v.push(format!("item {item}: negative qty {qty}"));
             }
         }
-        if self.partitions.is_some() {
+        if self.ordered {
             verdicts.items_out_of_order = self.check_order(&ledger, v);
+        }
+        let parked: i64 = sqlx::query_scalar("select count(*) from parked")
+            .fetch_one(&self.pool)
+            .await
+            .expect("count the parked rows");
+        if parked > 0 {
+            v.push(format!(
+                "{parked} requests still parked, or judged with their replies owed"
+            ));
         }
         if !leftover.is_empty() {
             v.push(format!("{} requests left in the queue", leftover.len()));
