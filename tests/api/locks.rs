@@ -160,8 +160,8 @@ async fn more_requests_for_a_locked_item_than_the_prefetch_are_parked_and_hold_n
     let unlocked_rate = steady_rate(&mut app, &others, "free", 200).await;
 
     let lock = app.lock_row(locked).await;
-    // Three windows' worth for the locked item: before, every slot held one.
-    let waiting = 300;
+    // Fifteen windows' worth for the locked item: parked, none holds a slot.
+    let waiting = 1_500;
     for n in 0..waiting {
         app.adjust(&format!("locked-{n}"), locked, 1).await;
     }
@@ -242,4 +242,64 @@ async fn more_requests_for_a_locked_item_than_the_prefetch_are_parked_and_hold_n
         0.0
     );
     assert_eq!(app.queue_depth().await, 0);
+}
+
+#[tokio::test]
+async fn a_duplicate_of_a_parked_request_is_not_parked_twice_and_gets_the_one_reply() {
+    let mut app = TestApp::spawn().await;
+    let item = app.create_item(0).await;
+    let lock = app.lock_row(item).await;
+    app.adjust("parked-1", item, 5).await;
+    app.adjust("parked-1", item, 5).await;
+    app.adjust("parked-2", item, -5).await;
+    app.wait_until_queue_drained().await;
+    eventually(
+        "parked-1 and parked-2 parked once each, in order",
+        Duration::from_secs(10),
+        || async {
+            let parked: Vec<String> =
+                sqlx::query_scalar("select message_id from parked where item_id = $1 order by seq")
+                    .bind(item)
+                    .fetch_all(&app.pool)
+                    .await
+                    .expect("read the parked rows");
+            if parked == ["parked-1", "parked-2"] {
+                Ok(())
+            } else {
+                Err(parked)
+            }
+        },
+    )
+    .await;
+    // The duplicate was acked without being parked again.
+    assert_eq!(app.queue_depth().await, 0);
+
+    lock.rollback().await.expect("release the lock");
+    let judged = app.replies(2).await;
+    let id = |r: &qty_test_support::app::Reply| r.body["message_id"].as_str().map(str::to_owned);
+    let mut ids: Vec<String> = judged.iter().filter_map(id).collect();
+    ids.sort();
+    assert_eq!(ids, ["parked-1", "parked-2"], "one reply each: {judged:?}");
+    let first = judged
+        .iter()
+        .find(|r| id(r).as_deref() == Some("parked-1"))
+        .expect("parked-1's reply");
+    assert_eq!(first.body["qty"], 5, "{}", first.body);
+
+    // Judged now: a repeat is answered at once, from the ledger, alike; and
+    // nothing else of parked-1 comes before the next request's reply.
+    app.adjust("parked-1", item, 5).await;
+    app.adjust("after", item, 1).await;
+    let later = app.replies(2).await;
+    let ids: Vec<Option<String>> = later.iter().map(id).collect();
+    assert!(
+        ids.contains(&Some("parked-1".into())) && ids.contains(&Some("after".into())),
+        "{later:?}"
+    );
+    let again = later
+        .iter()
+        .find(|r| id(r).as_deref() == Some("parked-1"))
+        .expect("the repeat's reply");
+    assert_eq!(again.body, first.body, "the stored reply, identical");
+    assert_eq!(app.qty(item).await, 1);
 }
