@@ -82,7 +82,8 @@ pub async fn apply(mut connection: PgConnection) -> Result<(), SchemaError> {
 }
 
 /// Whether the database holds every embedded migration and the connected role
-/// may do what `run` does: read the migrations table, execute `qty_adjust`.
+/// may do what `run` does: read the migrations table, execute `qty_adjust` and
+/// the parked requests' functions.
 pub async fn check(connection: &mut PgConnection) -> Result<(), SchemaError> {
     let row = query_one(
         connection,
@@ -124,18 +125,20 @@ pub async fn check(connection: &mut PgConnection) -> Result<(), SchemaError> {
     if !missing.is_empty() {
         return Err(SchemaError::Behind(ranges(&missing)));
     }
-    let function = query_one(
-        connection,
-        &format!(
-            "select coalesce(has_function_privilege(to_regprocedure({}), 'execute'), false)",
-            literal::text(ADJUST_FUNCTION)
-        ),
-    )
-    .await?;
-    if !function.try_get::<bool, _>(0).map_err(failed)? {
-        return Err(SchemaError::PermissionDenied(format!(
-            "EXECUTE on function {ADJUST_FUNCTION}"
-        )));
+    for function in std::iter::once(&ADJUST_FUNCTION).chain(&PARKED_FUNCTIONS) {
+        let granted = query_one(
+            connection,
+            &format!(
+                "select coalesce(has_function_privilege(to_regprocedure({}), 'execute'), false)",
+                literal::text(function)
+            ),
+        )
+        .await?;
+        if !granted.try_get::<bool, _>(0).map_err(failed)? {
+            return Err(SchemaError::PermissionDenied(format!(
+                "EXECUTE on function {function}"
+            )));
+        }
     }
     Ok(())
 }

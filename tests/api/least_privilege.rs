@@ -86,10 +86,34 @@ async fn the_runtime_role_serves_the_contract_but_cannot_change_a_table_directly
         "a duplicate gets the stored reply"
     );
 
+    // Parked and judged as the runtime role, through the owner's functions.
+    let lock = app.lock_row(item).await;
+    app.adjust("rt-parked", item, 1).await;
+    qty_test_support::eventually("rt-parked parked", WAIT, || async {
+        match sqlx::query_scalar::<_, i64>("select count(*) from parked")
+            .fetch_one(&app.pool)
+            .await
+        {
+            Ok(1) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    lock.rollback().await.expect("release the lock");
+    let reply = app.next_reply().await;
+    assert_eq!(
+        (reply.outcome(), reply.body["qty"].as_i64()),
+        ("applied", Some(4))
+    );
+    app.adjust("rt-1b", item, -1).await;
+    assert_eq!(app.next_reply().await.body["qty"].as_i64(), Some(3));
+
     let mut direct = sqlx::PgConnection::connect(&runtime)
         .await
         .expect("connect as the runtime role");
     for statement in [
+        "select * from parked".to_owned(),
+        "delete from parked".to_owned(),
         "update items set qty = 1000000".to_owned(),
         format!(
             "insert into adjustments (message_id, item_id, delta, outcome, qty_after) values ('forged', '{item}', 1, 'applied', 1)"
