@@ -140,6 +140,10 @@ impl Judge {
                         continue;
                     }
                     Err(error) => {
+                        self.ctx.metrics.dependency_error(match error {
+                            PassError::Database(_) => "database",
+                            PassError::Broker(_) => "broker",
+                        });
                         tracing::warn!(%error, "cannot judge parked requests; trying again");
                         again = true;
                         wait = failing.fail();

@@ -43,7 +43,12 @@ async fn behind_pgbouncer_every_request_is_applied_once_without_a_database_error
     // Two workers: four lanes and two readiness probes over two server sessions.
     s.start_worker().await;
     s.start_worker().await;
+    // One item locked for a while: its requests are parked, then judged,
+    // through PgBouncer too.
+    let lock = s.lock_item(s.items[0].0).await;
     let publisher = s.spawn_publisher(s.plan(3_000, 31), 500);
+    s.wait_parked(50, GENEROUS).await;
+    lock.rollback().await.expect("release the row");
     s.wait_recorded(1_200, GENEROUS).await;
     for worker in 0..2 {
         let metrics = s.metrics(worker).await;
