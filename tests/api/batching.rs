@@ -133,12 +133,17 @@ async fn adjust(db: &Database, requests: &[&Request]) -> Vec<Adjusted> {
 }
 
 /// A parked request's answer, once a judge (this one, or a concurrent
-/// writer's) has judged it.
+/// writer's) has judged it: the judge's own, or the ledger's for a repeat.
 async fn judged(db: &Database, request: &Request) -> Adjusted {
     let sources = store::parked::Sources {
         mine: vec!["t".into()],
         fleet: vec!["t".into()],
         name: "t".into(),
+    };
+    let again = Incoming {
+        request: request.clone(),
+        route: Default::default(),
+        source: "t".into(),
     };
     for _attempt in 0..1_000 {
         if let Ok(judged) = store::parked::judge(db, &sources, 1_000, Duration::from_secs(60)).await
@@ -152,34 +157,12 @@ async fn judged(db: &Database, request: &Request) -> Adjusted {
                 };
             }
         }
-        let recorded: Option<(Uuid, i64, String, Option<String>, Option<i64>)> = sqlx::query_as(
-            "select item_id, delta, outcome, reason, qty_after from adjustments where message_id = $1",
-        )
-        .bind(&request.message_id)
-        .fetch_optional(&db.pool)
-        .await
-        .expect("read the ledger");
-        if let Some((item, delta, outcome, reason, qty_after)) = recorded {
-            use qty_worker::outcome::{Outcome, Reason};
-            let outcome = if (item, delta) != (request.item_id, request.delta) {
-                Outcome::Rejected(Reason::from_code("idempotency_conflict").expect("code"))
-            } else {
-                match outcome.as_str() {
-                    "applied" => Outcome::Applied {
-                        qty: qty_after.expect("qty"),
-                    },
-                    "not_found" => Outcome::NotFound,
-                    _ => Outcome::Rejected(
-                        Reason::from_code(&reason.expect("reason")).expect("code"),
-                    ),
-                }
-            };
-            return Adjusted {
-                outcome,
-                replayed: true,
-            };
+        // Judged by another writer's judge: the ledger answers a repeat.
+        if let Ok(answers) = store::adjust(db, &[&again], LOCK_WAIT).await
+            && let Some(Answer::Done(adjusted)) = answers.into_iter().next()
+        {
+            return adjusted;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("{} was never judged", request.message_id)
 }

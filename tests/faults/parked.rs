@@ -32,7 +32,7 @@ fn plan(s: &Scenario, item: Uuid, locked: usize, others: usize) -> Vec<Sent> {
     let (mut l, mut o) = (0, 0);
     while l < locked || o < others {
         // One locked-item request for every two others, while both last.
-        let take_locked = l < locked && (o >= others || sent.len() % 3 == 0);
+        let take_locked = l < locked && (o >= others || sent.len().is_multiple_of(3));
         let target = if take_locked {
             l += 1;
             item
@@ -46,7 +46,7 @@ fn plan(s: &Scenario, item: Uuid, locked: usize, others: usize) -> Vec<Sent> {
         sent.push(Sent {
             message_id: format!("{}-i{index}-r{round}", s.names.queue),
             item: target,
-            delta: if round % 2 == 0 { 1 } else { -1 },
+            delta: if round.is_multiple_of(2) { 1 } else { -1 },
             keyed: true,
         });
     }
