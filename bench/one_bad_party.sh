@@ -3,7 +3,7 @@
 # with more requests than the prefetch, and a client whose reply queue refuses
 # replies. Prints the healthy traffic's figures in each case against healthy
 # traffic alone (examples/one_bad_party.rs), and the worker's peak RSS and its
-# set-aside, refused and dead-letter counters. Leaves nothing behind.
+# parked, refused and dead-letter counters. Leaves nothing behind.
 #
 #   bench/one_bad_party.sh          (QTY_BIN=another/qty-worker to compare a build)
 set -euo pipefail
@@ -35,5 +35,5 @@ done
 target/release/examples/one_bad_party
 metrics=$(curl -s "http://127.0.0.1:$port/metrics")
 echo "worker peak RSS: $(awk '/VmHWM/ {printf "%.1f MiB", $2 / 1024}' /proc/$worker/status)"
-echo "$metrics" | grep -E '^qty_worker_(replies_refused_total|deliveries_requeued_total|lock_waits_timed_out_total|requests_set_aside) '
+echo "$metrics" | grep -E '^qty_worker_(replies_refused_total|deliveries_requeued_total|lock_waits_timed_out_total|requests_parked_total|parked_requests) '
 echo "dead letters: $(rabbitmqctl -q list_queues name messages | awk -v q="$QTY_QUEUE.dead" '$1 == q {print $2}')"

@@ -167,7 +167,7 @@ async fn more_requests_for_a_locked_item_than_the_prefetch_are_parked_and_hold_n
     }
     let locked_rate = steady_rate(&mut app, &others, "busy", 200).await;
     println!(
-        "replies per second to other items: {unlocked_rate:.1} unlocked, {locked_rate:.1} with {waiting} requests set aside (prefetch 100)"
+        "replies per second to other items: {unlocked_rate:.1} unlocked, {locked_rate:.1} with {waiting} requests parked (prefetch 100)"
     );
     assert!(
         locked_rate >= 0.8 * unlocked_rate,

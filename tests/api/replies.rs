@@ -135,7 +135,7 @@ async fn a_request_published_straight_to_the_queue_is_handled() {
 }
 
 /// Publishes `k-slow` for `slow_item` while the returned transaction holds that
-/// item's row lock, and returns once the worker found it locked and set it aside.
+/// item's row lock, and returns once the worker found it locked and parked it.
 async fn publish_behind_a_row_lock(
     app: &TestApp,
     slow_item: Uuid,
@@ -143,7 +143,7 @@ async fn publish_behind_a_row_lock(
     let lock = app.lock_row(slow_item).await;
 
     app.adjust("k-slow", slow_item, -1).await;
-    // Only once it found the row locked and was set aside are other requests
+    // Only once it found the row locked and parked it are other requests
     // sent, so they cannot share its batch.
     qty_test_support::app::eventually(
         "k-slow to find the row locked",
@@ -152,7 +152,7 @@ async fn publish_behind_a_row_lock(
             let metrics = app.get("/metrics").await.1;
             (!metrics.contains("qty_worker_lock_waits_timed_out_total 0"))
                 .then_some(())
-                .ok_or("not set aside yet")
+                .ok_or("not parked yet")
         },
     )
     .await;
