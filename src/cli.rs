@@ -286,6 +286,7 @@ mod tests {
         }
         let ledger = options(&["ledger"]);
         assert!(!ledger.iter().any(|o| o.starts_with("amqp")));
+        assert_eq!(options(&["parked"]), ["limit", "json", "database-url"]);
         let dead = options(&["dead-letters", "list"]);
         assert!(dead.contains(&"queue".to_owned()));
         assert!(!dead.iter().any(|o| o == "database-url" || o == "exchange"));

@@ -1,6 +1,7 @@
 //! The real binary: its subcommands, HTTP endpoints, and a clean exit on SIGTERM.
 
 use qty_test_support::app::{Names, TestApp, WAIT, amqp_url};
+use qty_test_support::eventually;
 use std::process::{Command, Stdio};
 
 fn qty_worker(names: &Names) -> Command {
@@ -279,6 +280,64 @@ async fn ledger_and_item_list_show_what_happened_as_json() {
     assert_eq!(code, 0);
     let items = json_lines(&out);
     assert_eq!(items, [serde_json::json!({"id": item, "qty": 1})]);
+}
+
+#[tokio::test]
+async fn parked_lists_the_requests_waiting_per_item_and_exits_0_with_none() {
+    let mut app = TestApp::spawn().await;
+    let (code, out, err) = run_to_end(qty_worker(&app.names).args(["parked", "--json"]));
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
+
+    let item = app.create_item(3).await;
+    let lock = app.lock_row(item).await;
+    app.adjust("p-1", item, -2).await;
+    app.adjust("p-2", item, 4).await;
+    let rows = eventually("both requests parked", WAIT, || async {
+        let (code, out, err) = run_to_end(qty_worker(&app.names).args(["parked", "--json"]));
+        let rows = json_lines(&out);
+        if code == 0 && rows.len() == 2 {
+            Ok(rows)
+        } else {
+            Err(format!("{code}: {out}{err}"))
+        }
+    })
+    .await;
+    let listed: Vec<(&str, &str, i64, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["item_id"].as_str().unwrap_or_default(),
+                r["message_id"].as_str().unwrap_or_default(),
+                r["delta"].as_i64().unwrap_or_default(),
+                r["state"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let item_text = item.to_string();
+    assert_eq!(
+        listed,
+        [
+            (item_text.as_str(), "p-1", -2, "waiting"),
+            (item_text.as_str(), "p-2", 4, "waiting")
+        ],
+        "in the order they will be judged"
+    );
+    assert!(
+        rows.iter()
+            .all(|r| r["waited_seconds"].as_f64() >= Some(0.0))
+    );
+
+    lock.rollback().await.expect("release the lock");
+    app.replies(2).await;
+    eventually("nothing parked any more", WAIT, || async {
+        let (code, out, _) = run_to_end(qty_worker(&app.names).args(["parked", "--json"]));
+        if code == 0 && out.is_empty() {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
