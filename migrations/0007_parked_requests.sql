@@ -95,9 +95,14 @@ begin
     end if;
     waiting := exists (select 1 from parked p where p.judged_at is null);
 
-    -- 0005's path for a request that arrives alone when nothing waits: five
-    -- statements when its locks are free and the item exists.
-    if n = 1 and not waiting
+    -- 0005's path for a request that arrives alone, when nothing of its own
+    -- waits (neither its message_id nor its item): five statements when its
+    -- locks are free and the item exists, six while other items wait.
+    if n = 1
+       and not (waiting
+                and exists (select 1 from parked p
+                             where p.judged_at is null
+                               and (p.message_id = message_ids[1] or p.item_id = item_ids[1])))
        and pg_try_advisory_xact_lock(hashtextextended(message_ids[1], 7301)) then
         pos := 1;
         select a.item_id, a.delta, a.outcome, a.reason, a.qty_after into prior
