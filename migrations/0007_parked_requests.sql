@@ -78,7 +78,6 @@ security definer
 as $$
 declare
     n         int := coalesce(cardinality(message_ids), 0);
-    waiting   boolean;
     prior     record;
     old_qty   bigint;
     -- Positions tried now, in order; the rest are parked or duplicates.
@@ -93,17 +92,11 @@ begin
     if n = 0 then
         return;
     end if;
-    waiting := exists (select 1 from parked p where p.judged_at is null);
-
     -- 0005's path for a request that arrives alone, when nothing of its own
-    -- waits (neither its message_id nor its item): five statements when its
-    -- locks are free and the item exists, six while other items wait.
-    if n = 1
-       and not (waiting
-                and exists (select 1 from parked p
-                             where p.judged_at is null
-                               and (p.message_id = message_ids[1] or p.item_id = item_ids[1])))
-       and pg_try_advisory_xact_lock(hashtextextended(message_ids[1], 7301)) then
+    -- waits (neither its message_id nor its item): five statements, as in
+    -- 0005, when its locks are free and the item exists. Whether anything of
+    -- it is parked is asked in the statement that locks the item.
+    if n = 1 and pg_try_advisory_xact_lock(hashtextextended(message_ids[1], 7301)) then
         pos := 1;
         select a.item_id, a.delta, a.outcome, a.reason, a.qty_after into prior
           from adjustments a where a.message_id = message_ids[1];
@@ -117,7 +110,12 @@ begin
             return next;
             return;
         end if;
-        select i.qty into old_qty from items i where i.id = item_ids[1] for update skip locked;
+        select i.qty into old_qty from items i
+         where i.id = item_ids[1]
+           and not exists (select 1 from parked p
+                            where p.judged_at is null
+                              and (p.item_id = item_ids[1] or p.message_id = message_ids[1]))
+           for update of i skip locked;
         if found then
             replayed := false;
             if old_qty::numeric + deltas[1] < 0 then
@@ -141,8 +139,19 @@ begin
         end if;
     end if;
 
-    if not waiting then
-        now_pos := array(select generate_series(1, n));
+    if not exists (select 1 from parked p where p.judged_at is null) then
+        -- Nothing waits: the batch path of 0005, parking what stays locked.
+        for r in select b.pos, b.outcome, b.reason, b.qty_after, b.replayed
+                   from qty_adjust_batch(message_ids, item_ids, deltas, publishers, lock_wait_ms) as b
+        loop
+            if r.outcome = 'busy' then
+                locked := locked || r.pos;
+            else
+                pos := r.pos; outcome := r.outcome; reason := r.reason;
+                qty_after := r.qty_after; replayed := r.replayed;
+                return next;
+            end if;
+        end loop;
     else
         -- Recorded already: answered now from the ledger. Parked already: a
         -- duplicate. Its item has parked rows (or an earlier request of this
