@@ -85,7 +85,9 @@ declare
     behind    int[] := '{}';
     dups      int[] := '{}';
     locked    int[] := '{}';
-    behind_items uuid[] := '{}';
+    recorded  text[];
+    parked_ids text[];
+    waiting_items uuid[];
     r         record;
     k         int;
 begin
@@ -154,18 +156,20 @@ begin
         end loop;
     else
         -- Recorded already: answered now from the ledger. Parked already: a
-        -- duplicate. Its item has parked rows (or an earlier request of this
-        -- batch was parked behind them): parked behind. Else: tried now.
+        -- duplicate. Its item has parked rows: parked behind them (and so is
+        -- every later request of the item in this batch). Else: tried now. Three
+        -- index lookups for the batch, then the sorting in memory.
+        recorded := array(select a.message_id from adjustments a where a.message_id = any(message_ids));
+        parked_ids := array(select p.message_id from parked p where p.message_id = any(message_ids));
+        waiting_items := array(select distinct p.item_id from parked p
+                                where p.item_id = any(item_ids) and p.judged_at is null);
         for k in 1 .. n loop
-            if exists (select 1 from adjustments a where a.message_id = message_ids[k]) then
+            if message_ids[k] = any(recorded) then
                 now_pos := now_pos || k;
-            elsif exists (select 1 from parked p where p.message_id = message_ids[k]) then
+            elsif message_ids[k] = any(parked_ids) then
                 dups := dups || k;
-            elsif item_ids[k] = any(behind_items)
-                  or exists (select 1 from parked p
-                              where p.item_id = item_ids[k] and p.judged_at is null) then
+            elsif item_ids[k] = any(waiting_items) then
                 behind := behind || k;
-                behind_items := behind_items || item_ids[k];
             else
                 now_pos := now_pos || k;
             end if;

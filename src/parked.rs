@@ -109,15 +109,21 @@ impl Judge {
         let mut replies: Option<Replies> = None;
         let mut locked = LOCKED;
         let mut failing = FAILING;
-        let mut looked = Instant::now() - LOOK_EVERY;
+        // Looked long enough ago that the first round looks at once.
+        let mut looked = Instant::now()
+            .checked_sub(LOOK_EVERY)
+            .unwrap_or_else(Instant::now);
         let mut due = true;
-        loop {
+        // Whether the last look found anything parked or owed.
+        let mut anything = true;
+        while !stop.is_cancelled() {
             if looked.elapsed() >= LOOK_EVERY {
                 looked = Instant::now();
                 let fleet = self.sources.borrow().name.clone();
                 match parked::summary(&self.db, &fleet, ITEMS_SHOWN).await {
                     Ok(summary) => {
-                        due |= summary.requests > 0 || summary.owed > 0;
+                        anything = summary.requests > 0 || summary.owed > 0;
+                        due |= anything;
                         self.waiting.set(summary);
                     }
                     Err(error) => tracing::debug!(%error, "cannot read what is parked"),
@@ -129,10 +135,13 @@ impl Judge {
             let mut wait = LOOK_EVERY.saturating_sub(looked.elapsed());
             if due {
                 match self.pass(&mut replies).await {
-                    Ok(0) => {
+                    // Nothing free to judge: while something waits (for a
+                    // lock, or in another worker's queue), look again soon.
+                    Ok(0) if anything => {
                         again = true;
                         wait = wait.min(locked.fail());
                     }
+                    Ok(0) => {}
                     Ok(_) => {
                         locked.reset();
                         failing.reset();
@@ -152,7 +161,10 @@ impl Judge {
             }
             tokio::select! {
                 () = stop.cancelled() => break,
-                () = self.parked.notified() => due = true,
+                () = self.parked.notified() => {
+                    due = true;
+                    anything = true;
+                }
                 changed = self.sources.changed() => {
                     if changed.is_err() {
                         break;

@@ -8,8 +8,8 @@
 //! `rejected` is a request judged before the one published before it. The
 //! final check also compares each item's ledger order with its publish order.
 
-use super::{GENEROUS, SERIAL, assert_clean};
-use qty_test_support::faults::{Own, Scenario, Verdicts};
+use super::{GENEROUS, SERIAL, assert_in_order};
+use qty_test_support::faults::{Own, Scenario};
 use std::time::{Duration, Instant};
 
 const PARTITIONS: u16 = 8;
@@ -41,16 +41,6 @@ async fn wait_even_spread(s: &Scenario, live: &[usize], within: Duration) -> Dur
     )
     .await;
     started.elapsed()
-}
-
-fn assert_in_order(verdicts: Verdicts) {
-    assert_eq!(
-        (verdicts.rejected, verdicts.items_out_of_order),
-        (0, 0),
-        "requests judged out of publish order: {:#?}",
-        verdicts.violations
-    );
-    assert_clean(verdicts);
 }
 
 async fn fleet(label: &str, items: usize, own: Own) -> Option<Scenario> {

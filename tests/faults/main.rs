@@ -32,6 +32,18 @@ fn assert_clean(verdicts: Verdicts) {
     );
 }
 
+/// Clean, and every item's requests judged in publish order: on plans where
+/// every request applies in that order, a `rejected` is one judged too early.
+fn assert_in_order(verdicts: Verdicts) {
+    assert_eq!(
+        (verdicts.rejected, verdicts.items_out_of_order),
+        (0, 0),
+        "requests judged out of publish order: {:#?}",
+        verdicts.violations
+    );
+    assert_clean(verdicts);
+}
+
 fn assert_clean_or_empty(verdicts: Verdicts) {
     assert!(
         verdicts.violations.is_empty(),

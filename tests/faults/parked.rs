@@ -9,19 +9,9 @@
 //! final check also compares each item's ledger order with its publish order,
 //! and finds nothing left parked and nothing dead-lettered.
 
-use super::{GENEROUS, SERIAL, assert_clean};
-use qty_test_support::faults::{Own, Scenario, Sent, Verdicts};
+use super::{GENEROUS, SERIAL, assert_in_order};
+use qty_test_support::faults::{Own, Scenario, Sent};
 use uuid::Uuid;
-
-fn assert_in_order(verdicts: Verdicts) {
-    assert_eq!(
-        (verdicts.rejected, verdicts.items_out_of_order),
-        (0, 0),
-        "requests judged out of publish order: {:#?}",
-        verdicts.violations
-    );
-    assert_clean(verdicts);
-}
 
 /// `locked` requests for `item`, interleaved with `others` requests spread over
 /// the scenario's other items, each item's alternating +1 and -1.

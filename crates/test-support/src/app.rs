@@ -31,6 +31,18 @@ pub struct TestApp {
     replies: Consumer,
 }
 
+/// Holds `item`'s row `FOR UPDATE` in a transaction on `pool`, as an
+/// operator's would, until the returned transaction ends.
+pub async fn lock_row(pool: &PgPool, item: Uuid) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("select 1 from items where id = $1 for update")
+        .bind(item)
+        .execute(&mut *lock)
+        .await
+        .expect("lock the row");
+    lock
+}
+
 impl TestApp {
     pub async fn spawn() -> TestApp {
         Self::spawn_with(|_| {}).await
@@ -212,13 +224,7 @@ impl TestApp {
         let holder = PgPool::connect(&self.names.database_url())
             .await
             .expect("a session to hold the lock");
-        let mut lock = holder.begin().await.expect("begin");
-        sqlx::query("select 1 from items where id = $1 for update")
-            .bind(item)
-            .execute(&mut *lock)
-            .await
-            .expect("lock the row");
-        lock
+        lock_row(&holder, item).await
     }
 
     /// Deletes the test's exchange, as an operator might by mistake.

@@ -431,13 +431,7 @@ impl Scenario {
     /// Locks `item`'s row as an operator's `SELECT … FOR UPDATE` does, until
     /// the transaction returned ends.
     pub async fn lock_item(&self, item: Uuid) -> sqlx::Transaction<'static, sqlx::Postgres> {
-        let mut lock = self.pool.begin().await.expect("begin");
-        sqlx::query("select 1 from items where id = $1 for update")
-            .bind(item)
-            .execute(&mut *lock)
-            .await
-            .expect("lock the row");
-        lock
+        crate::app::lock_row(&self.pool, item).await
     }
 
     /// Requests parked and not yet judged.
