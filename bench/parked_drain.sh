@@ -6,8 +6,10 @@
 # --backlog --items 1`). Parked: an operator's transaction locks the item, the
 # worker starts and parks every request (the first after its lock wait, the rest
 # behind it), the transaction ends, and the bench times the replies from the
-# first to the last: every one of them comes from the judge. Free: the same
-# backlog with nothing locked, answered by the lanes as usual.
+# first to the last: every one of them comes from the judge. It also prints the
+# time from the lock's end to the bench's exit, which bounds the time to the
+# last reply, the judge's wait to notice included. Free: the same backlog with
+# nothing locked, answered by the lanes as usual.
 #
 #   bench/parked_drain.sh [ROUNDS] [N]     (defaults 3 and 1500)
 # QTY_BIN picks the worker binary (default target/release/qty-worker).
@@ -51,29 +53,35 @@ drain() {
     echo "begin; select 1 from items for update;" >&7
     until [ "$(sql "select count(*) from pg_locks l join pg_class c on c.oid = l.relation where c.relname = 'items' and l.mode = 'RowShareLock'")" -gt 0 ]; do sleep 0.05; done
   fi
-  "$bin" run --http-addr 127.0.0.1:0 --queue "$QTY_QUEUE" 2> "$out/worker.log" &
+  # Without the lock's pipe: psql must see it close.
+  "$bin" run --http-addr 127.0.0.1:0 --queue "$QTY_QUEUE" 2> "$out/worker.log" 7>&- &
   local worker=$!
   pids+=($worker)
   if [ "$how" = parked ]; then
     until [ "$(sql "select count(*) from parked")" -ge "$n" ]; do sleep 0.05; done
     local w0 d0
     w0=$(ticks "$worker") d0=$(database)
-    echo "rollback;" >&7
+    released=$(date +%s%N)
+    printf 'rollback;\n\\q\n' >&7
     exec 7>&-
     wait "$holder"
     rm -f "$out/lock.sql"
   else
     w0=$(ticks "$worker") d0=$(database)
+    released=""
   fi
   wait "$bench"
+  local since=""
+  [ -z "$released" ] || since=$(( ($(date +%s%N) - released) / 1000000 ))
   local w1 d1
   w1=$(ticks "$worker") d1=$(database)
   kill -TERM "$worker"; wait "$worker" || true
-  python3 - "$out/report.json" "$how" "$(per_request $((w1 - w0)) "$n")" "$(per_request $((d1 - d0)) "$n")" <<'PY'
+  python3 - "$out/report.json" "$how" "$(per_request $((w1 - w0)) "$n")" "$(per_request $((d1 - d0)) "$n")" "$since" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 ok = r["invariants_hold"] and r["replies"] == r["messages"]
-print(f"{sys.argv[2]:>6}: {r['throughput_per_sec']:7.0f} replies/s, first to last reply {r['seconds']:.3f} s, "
+since = f", lock released to last reply ≤ {int(sys.argv[5]) / 1000:.3f} s ({r['messages'] / (int(sys.argv[5]) / 1000):.0f}/s)" if sys.argv[5] else ""
+print(f"{sys.argv[2]:>6}: {r['throughput_per_sec']:7.0f} replies/s first to last reply ({r['seconds']:.3f} s){since}; "
       f"CPU µs/request worker {sys.argv[3]}, database {sys.argv[4]}; {'invariants hold' if ok else 'INVARIANTS BROKEN'}")
 PY
   rm -f "$out/bench.err"

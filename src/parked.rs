@@ -35,9 +35,10 @@ use uuid::Uuid;
 /// How often the judge looks when nothing was parked here, and refreshes what
 /// waits.
 const LOOK_EVERY: Duration = Duration::from_secs(2);
-/// While requests wait for a lock: soon at first, then at most every
-/// `LOOK_EVERY`.
-const LOCKED: Backoff = Backoff::new(Duration::from_millis(50), LOOK_EVERY);
+/// While requests wait for a lock: soon at first, then every 250 ms, so that
+/// they are judged within a quarter of a second of the lock's end (a look is
+/// one small query).
+const LOCKED: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(250));
 /// Through a database or broker outage.
 const FAILING: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 /// Retiring answered rows is retried while its backoff is below this; past it,
