@@ -260,11 +260,31 @@ impl Node {
     }
 
     fn wait_started(&self) {
-        run(self
-            .ctl()
+        if let Err(failure) = self.started() {
+            panic!("{failure}");
+        }
+    }
+
+    /// Waits until the node runs; why not, when it does not.
+    fn started(&self) -> Result<(), String> {
+        let mut command = self.ctl();
+        command
             .arg("wait")
             .arg(self.inside.join("pid"))
-            .args(["--timeout", "120"]));
+            .args(["--timeout", "120"]);
+        let output = command
+            .output()
+            .map_err(|error| format!("cannot run {command:?}: {error}"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{command:?} failed ({}):\n{}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ))
+        }
     }
 
     /// `rabbitmqctl -q -n NODE`.
@@ -355,6 +375,8 @@ impl Cluster {
     }
 
     /// `size` nodes of `release`, with `extra_config` and `plugins` on each.
+    /// A node that does not come up is tried again (twice) on other ports: a
+    /// free port can be taken by a parallel test before the node binds it.
     pub fn start_full(
         release: &Release,
         size: usize,
@@ -362,6 +384,27 @@ impl Cluster {
         plugins: &[&str],
     ) -> Cluster {
         assert!(size >= 1);
+        let mut attempt = 1;
+        loop {
+            match Cluster::try_start(release, size, extra_config, plugins) {
+                Ok(cluster) => return cluster,
+                Err(failure) if attempt < 3 => {
+                    eprintln!(
+                        "a RabbitMQ node did not start (attempt {attempt}), trying again on other ports: {failure}"
+                    );
+                    attempt += 1;
+                }
+                Err(failure) => panic!("RabbitMQ did not start in 3 attempts: {failure}"),
+            }
+        }
+    }
+
+    fn try_start(
+        release: &Release,
+        size: usize,
+        extra_config: &str,
+        plugins: &[&str],
+    ) -> Result<Cluster, String> {
         let id = suffix();
         let epmd = match release {
             Release::Machine => None,
@@ -400,14 +443,15 @@ impl Cluster {
             node.launch();
         }
         for node in &cluster.nodes {
-            node.wait_started();
+            // Dropping `cluster` on the way out removes what did start.
+            node.started()?;
         }
         for node in &cluster.nodes[1..] {
             run(node.ctl().arg("stop_app"));
             run(node.ctl().args(["join_cluster", &cluster.nodes[0].name]));
             node.start_app();
         }
-        cluster
+        Ok(cluster)
     }
 
     /// Every node's URL, comma-separated, as `AMQP_URL` takes them.
