@@ -85,9 +85,6 @@ declare
     behind    int[] := '{}';
     dups      int[] := '{}';
     locked    int[] := '{}';
-    recorded  text[];
-    parked_ids text[];
-    waiting_items uuid[];
     r         record;
     k         int;
 begin
@@ -141,8 +138,30 @@ begin
         end if;
     end if;
 
-    if not exists (select 1 from parked p where p.judged_at is null) then
-        -- Nothing waits: the batch path of 0005, parking what stays locked.
+    if exists (select 1 from parked p where p.judged_at is null) then
+        -- Recorded already: answered now from the ledger. Parked already: a
+        -- duplicate. Its item has parked rows: parked behind them (and so is
+        -- every later request of the item in this batch). Else: tried now.
+        -- One statement, an index probe or three a request.
+        select coalesce(array_agg(c.p order by c.p) filter (where c.class = 'now'), '{}'),
+               coalesce(array_agg(c.p order by c.p) filter (where c.class = 'dup'), '{}'),
+               coalesce(array_agg(c.p order by c.p) filter (where c.class = 'behind'), '{}')
+          into now_pos, dups, behind
+          from (select u.p,
+                       case when exists (select 1 from adjustments a where a.message_id = u.m) then 'now'
+                            when exists (select 1 from parked w where w.message_id = u.m) then 'dup'
+                            when exists (select 1 from parked w
+                                          where w.item_id = u.i and w.judged_at is null) then 'behind'
+                            else 'now'
+                       end as class
+                  from unnest(message_ids, item_ids) with ordinality as u(m, i, p)) as c;
+    else
+        -- Nothing waits: all of them are tried now.
+        now_pos := null;
+    end if;
+
+    if now_pos is null or cardinality(now_pos) = n then
+        -- The batch path of 0005, parking what stays locked.
         for r in select b.pos, b.outcome, b.reason, b.qty_after, b.replayed
                    from qty_adjust_batch(message_ids, item_ids, deltas, publishers, lock_wait_ms) as b
         loop
@@ -154,29 +173,7 @@ begin
                 return next;
             end if;
         end loop;
-    else
-        -- Recorded already: answered now from the ledger. Parked already: a
-        -- duplicate. Its item has parked rows: parked behind them (and so is
-        -- every later request of the item in this batch). Else: tried now. Three
-        -- index lookups for the batch, then the sorting in memory.
-        recorded := array(select a.message_id from adjustments a where a.message_id = any(message_ids));
-        parked_ids := array(select p.message_id from parked p where p.message_id = any(message_ids));
-        waiting_items := array(select distinct p.item_id from parked p
-                                where p.item_id = any(item_ids) and p.judged_at is null);
-        for k in 1 .. n loop
-            if message_ids[k] = any(recorded) then
-                now_pos := now_pos || k;
-            elsif message_ids[k] = any(parked_ids) then
-                dups := dups || k;
-            elsif item_ids[k] = any(waiting_items) then
-                behind := behind || k;
-            else
-                now_pos := now_pos || k;
-            end if;
-        end loop;
-    end if;
-
-    if cardinality(now_pos) > 0 then
+    elsif cardinality(now_pos) > 0 then
         for r in select b.pos, b.outcome, b.reason, b.qty_after, b.replayed
                    from qty_adjust_batch(
                             array(select message_ids[u.x] from unnest(now_pos) with ordinality as u(x, o) order by u.o),

@@ -162,7 +162,9 @@ impl Judge {
             }
             tokio::select! {
                 () = stop.cancelled() => break,
-                () = self.parked.notified() => {
+                // While requests wait for a lock, more parked behind them
+                // change nothing: the next look is the backoff's.
+                () = self.parked.notified(), if !again => {
                     due = true;
                     anything = true;
                 }
