@@ -1,15 +1,12 @@
 //! What the unpartitioned and the partitioned loop share about opening a broker
 //! session: why it failed, how that is reported, the broker's version shown,
-//! and reading the consumers a widened window left draining (see `window`).
+//! and the reply channel.
 
 use super::{Addresses, DeclareError, HASH_PLUGIN, Unreachable, version};
 use crate::health::{BrokerState, Health};
 use crate::metrics::Metrics;
-use futures::StreamExt as _;
-use lapin::message::Delivery;
 use lapin::options::ConfirmSelectOptions;
-use lapin::{Channel, Connection, Consumer};
-use std::collections::VecDeque;
+use lapin::{Channel, Connection};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,12 +72,4 @@ pub async fn reply_channel(connection: &Connection) -> Result<Channel, OpenError
         .await
         .map_err(|error| OpenError::Broker("cannot turn on publisher confirms", error))?;
     Ok(replies)
-}
-
-/// The next delivery of the oldest consumer being drained.
-pub async fn next_of(draining: &mut VecDeque<Consumer>) -> Option<lapin::Result<Delivery>> {
-    match draining.front_mut() {
-        Some(consumer) => consumer.next().await,
-        None => std::future::pending().await,
-    }
 }
