@@ -25,6 +25,9 @@ pub struct WorkerProcess {
     stopped: bool,
 }
 
+/// The requests parked and not yet judged.
+const PARKED: &str = "select count(*) from parked where judged_at is null";
+
 /// How long `finish` waits for parked requests to be answered.
 const OWED_REPLIES_WITHIN: Duration = Duration::from_secs(30);
 
@@ -355,21 +358,38 @@ impl Scenario {
 
     /// Ledger rows recorded so far.
     pub async fn recorded(&self) -> usize {
-        // Asked again on failure, never read as 0: a count that failed once
-        // while a fault was on made the next one look like progress.
-        let rows: i64 = eventually("the ledger counted", Duration::from_secs(30), || {
-            sqlx::query_scalar("select count(*) from adjustments").fetch_one(&self.pool)
+        self.count("the ledger", "select count(*) from adjustments")
+            .await
+    }
+
+    /// Waits until the ledger holds at least `count` rows.
+    pub async fn wait_recorded(&self, count: usize, within: Duration) {
+        self.wait_count(
+            "recorded",
+            "select count(*) from adjustments",
+            count,
+            within,
+        )
+        .await;
+    }
+
+    /// Rows `sql` counts. Asked again on failure, never read as 0: a count
+    /// that failed once while a fault was on made the next one look like
+    /// progress.
+    async fn count(&self, what: &str, sql: &'static str) -> usize {
+        let rows: i64 = eventually(&format!("{what} counted"), Duration::from_secs(30), || {
+            sqlx::query_scalar(sql).fetch_one(&self.pool)
         })
         .await;
         rows as usize
     }
 
-    /// Waits until the ledger holds at least `count` rows.
-    pub async fn wait_recorded(&self, count: usize, within: Duration) {
-        eventually(&format!("{count} requests recorded"), within, || async {
-            match self.recorded().await {
+    /// Waits until `sql` counts at least `count` rows (requests `what`).
+    async fn wait_count(&self, what: &str, sql: &'static str, count: usize, within: Duration) {
+        eventually(&format!("{count} requests {what}"), within, || async {
+            match self.count(what, sql).await {
                 now if now >= count => Ok(()),
-                now => Err(format!("{now} recorded")),
+                now => Err(format!("{now} {what}")),
             }
         })
         .await;
@@ -416,15 +436,12 @@ impl Scenario {
     /// Waits for worker `index` to die by itself (a fault it was told to
     /// inject), and counts it as killed on purpose.
     pub async fn wait_died(&mut self, index: usize, within: Duration) {
-        let started = Instant::now();
-        while self.running(index) {
-            assert!(
-                started.elapsed() < within,
-                "worker {index} still runs after {within:?}; see {:?}",
-                self.workers[index].log
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let child = &mut self.workers[index].child;
+        eventually(&format!("worker {index} to die"), within, || {
+            let gone = !matches!(child.try_wait(), Ok(None));
+            async move { if gone { Ok(()) } else { Err("still running") } }
+        })
+        .await;
         self.killed += 1;
     }
 
@@ -436,23 +453,12 @@ impl Scenario {
 
     /// Requests parked and not yet judged.
     pub async fn parked(&self) -> usize {
-        let rows: i64 = eventually("the parked rows counted", Duration::from_secs(30), || {
-            sqlx::query_scalar("select count(*) from parked where judged_at is null")
-                .fetch_one(&self.pool)
-        })
-        .await;
-        rows as usize
+        self.count("the parked rows", PARKED).await
     }
 
     /// Waits until at least `count` requests wait parked.
     pub async fn wait_parked(&self, count: usize, within: Duration) {
-        eventually(&format!("{count} requests parked"), within, || async {
-            match self.parked().await {
-                now if now >= count => Ok(()),
-                now => Err(format!("{now} parked")),
-            }
-        })
-        .await;
+        self.wait_count("parked", PARKED, count, within).await;
     }
 
     /// Terminates every PostgreSQL session the workers hold.
